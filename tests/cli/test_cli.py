@@ -1,0 +1,100 @@
+"""The CLI as a new user meets it: --help everywhere, one-line errors with exit code 2, runs that write results."""
+
+import json
+import sys
+
+import pytest
+
+from cimattn.cli import main
+
+
+def cli(monkeypatch, capsys, *args):
+    """Run `cimattn ARGS` in-process; returns (exit code, stdout, stderr)."""
+    monkeypatch.setattr(sys, "argv", ["cimattn", *map(str, args)])
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.mark.parametrize("command", [[], ["run"], ["eval"], ["presets"], ["presets", "show"], ["fetch"]])
+def test_help(monkeypatch, capsys, command):
+    code, out, _ = cli(monkeypatch, capsys, *command, "--help")
+    assert code == 0 and "Usage" in out
+
+
+def test_presets_show_round_trips(monkeypatch, capsys, tmp_path):
+    code, out, _ = cli(monkeypatch, capsys, "presets", "show", "leroux-gaincell")
+    assert code == 0
+    path = tmp_path / "mine.yaml"
+    path.write_text(out)
+    code, again, _ = cli(monkeypatch, capsys, "presets", "show", path)
+    assert code == 0 and again == out
+    code, listing, _ = cli(monkeypatch, capsys, "presets", "list")
+    assert "leroux-gaincell" in listing and "digital" in listing
+
+
+def _bad_inputs(tmp_path):
+    malformed = tmp_path / "malformed.yaml"
+    malformed.write_text("attention: gaincell\ngaincell: {window_tokens: [1,\n")
+    unknown_key = tmp_path / "unknown.yaml"
+    unknown_key.write_text("attention: gaincell\ngaincell: {windw_tokens: 512}\n")
+    out_of_range = tmp_path / "range.yaml"
+    out_of_range.write_text("attention: gaincell\ngaincell: {k: {low: 0, high: 0.9, levels: 1}}\n")
+    strict_window = tmp_path / "strict.yaml"
+    strict_window.write_text("attention: gaincell\ngaincell: {window_tokens: 64, context_policy: error}\n")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    common = ["--model", "tiny-llama", "--out", tmp_path / "run", "--eval-tokens", 64, "--context", 32]
+    return {
+        "missing text file": (["eval", *common, "--text", tmp_path / "nope.txt"], "nope.txt"),
+        "malformed yaml": (["run", *common, "--preset", malformed], "malformed YAML"),
+        "unknown preset key": (["run", *common, "--preset", unknown_key], "windw_tokens"),
+        "value out of range": (["run", *common, "--preset", out_of_range], "gaincell.k.levels"),
+        "unknown preset": (["run", *common, "--preset", "no-such-preset"], "unknown preset"),
+        "unknown model": (["eval", "--model", "no-such-model", "--out", tmp_path / "r"], "unknown model"),
+        "empty text": (["eval", *common, "--text", empty], "empty"),
+        "context above the model's": (["eval", "--model", "tiny-llama", "--out", tmp_path / "r", "--context", 100000], "context"),
+        "context above the window": (["run", *common[:-2], "--context", 128, "--preset", strict_window], "window"),
+    }
+
+
+@pytest.mark.parametrize("case", [
+    "missing text file", "malformed yaml", "unknown preset key", "value out of range", "unknown preset",
+    "unknown model", "empty text", "context above the model's", "context above the window",
+])
+def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, case):
+    args, needle = _bad_inputs(tmp_path)[case]
+    code, _, err = cli(monkeypatch, capsys, *args)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    assert needle.lower() in lines[0].lower()
+    assert "Traceback" not in err
+
+
+def test_debug_shows_the_traceback(monkeypatch, capsys):
+    from cimattn.errors import CimattnError
+
+    monkeypatch.setattr(sys, "argv", ["cimattn", "presets", "show", "no-such-preset", "--debug"])
+    with pytest.raises(CimattnError):
+        main()
+
+
+def test_run_digital_tiny_writes_results(monkeypatch, capsys, tmp_path, tiny_text):
+    out = tmp_path / "run"
+    code, _, err = cli(monkeypatch, capsys, "run", "--model", "tiny-llama", "--preset", "digital", "--out", out,
+                       "--text", tiny_text, "--eval-tokens", 256, "--context", 64, "--quiet")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    for key in ("model", "preset", "seed", "git_commit", "versions", "config", "timings", "metrics"):
+        assert key in results
+    m = results["metrics"]
+    assert m["eval_tokens"] == 256 and m["scored_tokens"] == 256 - 4
+    # the digital preset runs cimattn's digital attention: it must equal the model's own
+    assert m["ppl_hardware_initial"] == pytest.approx(m["ppl_digital"], rel=1e-5)
+    assert (out / "report.md").is_file()
+    assert not list(out.glob(".*.tmp")), "no temporary files left behind"
