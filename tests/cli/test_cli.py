@@ -98,3 +98,35 @@ def test_run_digital_tiny_writes_results(monkeypatch, capsys, tmp_path, tiny_tex
     assert m["ppl_hardware_initial"] == pytest.approx(m["ppl_digital"], rel=1e-5)
     assert (out / "report.md").is_file()
     assert not list(out.glob(".*.tmp")), "no temporary files left behind"
+
+
+def test_gaincell_run_then_eval_and_generate_the_adapted_model(monkeypatch, capsys, tmp_path, tiny_text):
+    preset = tmp_path / "tiny-gaincell.yaml"
+    preset.write_text(
+        "attention: gaincell\ngaincell: {window_tokens: 64, tokens_per_array: 16}\n"
+        "adapt: {calib_tokens: 128, calib_context: 32, init_iterations: 5, finetune_steps: 2}\n"
+    )
+    out = tmp_path / "run"
+    common = ["--model", "tiny-llama", "--text", tiny_text, "--eval-tokens", 256, "--context", 64, "--quiet"]
+    code, _, err = cli(monkeypatch, capsys, "run", *common, "--preset", preset, "--out", out)
+    assert code == 0, err
+    m = json.loads((out / "results.json").read_text())["metrics"]
+    for key in ("ppl_digital", "ppl_hardware_initial", "ppl_linear_adapted", "ppl_hardware_initialized", "ppl_hardware_adapted"):
+        assert m[key] > 1, key
+    assert (out / "adapted" / "hardware.safetensors").is_file() and (out / "adaptation.png").is_file()
+
+    # the saved parameters reproduce the run's adapted perplexity
+    code, _, err = cli(monkeypatch, capsys, "eval", *common, "--adapted", out / "adapted", "--out", tmp_path / "eval")
+    assert code == 0, err
+    again = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    assert again["ppl_hardware_adapted"] == pytest.approx(m["ppl_hardware_adapted"], rel=1e-6)
+
+    # rerunning the same command resumes: nothing is recomputed, the numbers stay
+    code, _, err = cli(monkeypatch, capsys, "run", *common, "--preset", preset, "--out", out)
+    assert code == 0, err
+    assert json.loads((out / "results.json").read_text())["metrics"] == m
+
+    code, text, err = cli(monkeypatch, capsys, "generate", "To be", "--model", "tiny-llama", "--adapted", out / "adapted",
+                          "--max-new-tokens", 8, "--quiet")
+    assert code == 0, err
+    assert text.startswith("To be") and len(text.strip()) > len("To be")

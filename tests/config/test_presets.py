@@ -53,6 +53,9 @@ def test_every_numeric_field_has_unit_and_source():
         ("attention: gaincell\ngaincell: {window_tokens: 100}", "gaincell"),
         ("attention: gaincell\ngaincell: {colour: red}", "gaincell.colour"),
         ("attention: gaincell\ngaincell: {v_in: .nan}", "gaincell.v_in"),
+        ("attention: gaincell\ngaincell: {av_out: {low: -1, high: 1, levels: 1}}", "gaincell.av_out.levels"),
+        ("attention: gaincell\ngaincell: {noise: {read_std: -0.1}}", "gaincell.noise.read_std"),
+        ("attention: gaincell\ngaincell: {cell: cubic}", "gaincell.cell"),
         ("attention: quantum", "attention"),
     ],
 )

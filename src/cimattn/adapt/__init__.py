@@ -1,8 +1,9 @@
 """Adapt a converted model to its hardware without training from scratch (Leroux et al.'s recipe, and ours).
 
 Stages, each resumable from the adapted directory:
-  linear    the model with the *linear* cell: scalers calibrated to the
-            digital teacher (ours: training-free), then distillation
+  linear    the model with the *linear* cell: scalers fitted to the digital
+            teacher's statistics (ours: training-free, `fit_scalers`, then
+            the paper's iteration to its tolerance), then distillation
             fine-tuning (the paper's step 1); its per-head statistics
             become the targets of the next stage.
   init      the *nonlinear* model: the initialization algorithm moves every
@@ -20,8 +21,8 @@ from pathlib import Path
 import torch
 
 from cimattn.adapt import checkpoint
-from cimattn.adapt.distill import distill
-from cimattn.adapt.initialize import initialize, measure_targets, teacher_targets
+from cimattn.adapt import distill
+from cimattn.adapt.initialize import fit_scalers, initialize, measure_targets, teacher_targets
 from cimattn.config import HardwareConfig, load_preset
 from cimattn.models.convert import hardware_state_dict, load_hardware_state, set_cell, trainable_parameters
 
@@ -71,7 +72,7 @@ def adapt_model(
         remaining = None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - started)) * share
         if steps == 0 or remaining == 0.0:
             return []
-        return distill(model, teacher, calib_ids, recipe, stage=stage, parameters=trainable_parameters(model, recipe.train),
+        return distill.distill(model, teacher, calib_ids, recipe, stage=stage, parameters=trainable_parameters(model, recipe.train),
                        steps=steps, budget_s=remaining, checkpoint_dir=checkpoint_dir, seed=seed, progress=progress)
 
     if state.get("cell"):  # resume: the parameters of the last finished stage
@@ -79,8 +80,10 @@ def adapt_model(
 
     if not state.get("linear"):
         set_cell(model, "linear")
+        targets = teacher_targets(model, teacher, batch)
+        fit_scalers(model, batch, targets)
         with progress("calibrate (linear cell)", total=recipe.init_iterations) as advance:
-            calib = initialize(model, batch, teacher_targets(model, teacher, batch), iterations=recipe.init_iterations,
+            calib = initialize(model, batch, targets, iterations=recipe.init_iterations,
                                tolerance=recipe.init_tolerance, deadline=deadline(), progress=advance)
         share = LINEAR_BUDGET_SHARE if final_cell == "nonlinear" else 1.0
         losses = finetune("linear", share)

@@ -17,6 +17,12 @@ the digital teacher (`teacher_targets`): q, k and v centred in their
 converter's range with a quarter of the range as std, and the attention
 output matching the teacher's own per-head output statistics, so the layers
 after attention see what they were trained on.
+
+From a freshly converted model the all-at-once update diverges (the output
+scalers are rescaled for attention inputs that the same update changes).
+`fit_scalers` (ours) solves each scaler exactly instead, in one forward:
+layer by layer, q, k, v, then out, each on inputs already shaped by the
+scalers fitted before it.  The paper's iteration then starts converged.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import time
 
 import torch
 
+from cimattn.attention.gaincell import Moments
 from cimattn.models.convert import SCALERS, attention_modules, recorded_stats, scaler_parameters
 
 Targets = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, scaler) → (μ*, σ*) per head
@@ -43,6 +50,19 @@ def measure(model: torch.nn.Module, batch: torch.Tensor) -> Targets:
     with recorded_stats(model) as stats:
         model(batch)
     return {key: (mu.clone(), sd.clone()) for key, (mu, sd) in stats.items()}
+
+
+@torch.no_grad()
+def fit_scalers(model: torch.nn.Module, batch: torch.Tensor, targets: Targets) -> None:
+    """Set every scaler so its output has exactly the target per-head mean and std, in one forward."""
+    modules = dict(attention_modules(model))
+    for layer, module in modules.items():
+        module.cim.fit_targets = {name: Moments(*targets[(layer, name)]) for name in SCALERS if (layer, name) in targets}
+    try:
+        model(batch)
+    finally:
+        for module in modules.values():
+            module.cim.fit_targets = None
 
 
 @torch.no_grad()
@@ -126,7 +146,9 @@ def initialize(
             errors.append(torch.maximum(e_mu, e_sd).max().item())
             a, b = scaler_parameters(modules[layer], name)
             step = alpha(iteration)
-            a.copy_(torch.where(e_sd > tolerance, step * a * sd_t / sd.clamp_min(1e-12) + (1 - step) * a, a))
+            # a head whose output is constant (σ = 0) has no gain to correct: leave its a
+            fix_a = (e_sd > tolerance) & (sd > 0)
+            a.copy_(torch.where(fix_a, step * a * sd_t / sd.clamp_min(1e-12) + (1 - step) * a, a))
             b.copy_(torch.where(e_mu > tolerance, step * (b + mu_t - mu) + (1 - step) * b, b))
         history.append(max(errors))
         if progress:
@@ -136,4 +158,4 @@ def initialize(
     return history
 
 
-__all__ = ["SCALERS", "alpha", "initialize", "measure", "measure_targets", "teacher_targets"]
+__all__ = ["SCALERS", "alpha", "fit_scalers", "initialize", "measure", "measure_targets", "teacher_targets"]

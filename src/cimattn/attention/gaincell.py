@@ -130,17 +130,36 @@ class GainCellParams(nn.Module):
         self.register_buffer("k_gain", variability_gain((n_kv_heads, config.window_tokens, head_dim), config, chip), persistent=False)
         self.register_buffer("v_gain", variability_gain((n_kv_heads, config.window_tokens, v_columns), config, chip), persistent=False)
         self.record_stats = False
+        self.fit_targets: dict[str, Moments] | None = None
         self.stats: dict[str, Moments] = {}
         self._generators: dict[str, torch.Generator] = {}
 
     def scale(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Apply scaler `name` to (B, heads, T, D) `x`, recording its moments when asked."""
+        """Apply scaler `name` to (B, heads, T, D) `x`, recording its moments when asked.
+
+        With `fit_targets` set ({scaler: Moments}), first solve a, b so that
+        a·x + b has exactly the target mean and std per head.  Scalers run in
+        the order q, k, v, out inside a layer and layers in model order, so
+        one forward fits every scaler to inputs already shaped by the fitted
+        scalers before it.
+        """
+        if self.fit_targets is not None and name in self.fit_targets:
+            self._fit(name, x, self.fit_targets[name])
         y = self.scalers[name](x)
         if self.record_stats:
             with torch.no_grad():
                 flat = y.detach().float().transpose(0, 1).reshape(y.shape[1], -1)  # (heads, B·T·D)
                 self.stats[name] = Moments(flat.mean(dim=1), flat.std(dim=1))
         return y
+
+    @torch.no_grad()
+    def _fit(self, name: str, x: torch.Tensor, target: Moments) -> None:
+        flat = x.detach().float().transpose(0, 1).reshape(x.shape[1], -1)  # (heads, B·T·D)
+        mean, std = flat.mean(dim=1), flat.std(dim=1)
+        scaler = self.scalers[name]
+        a = (target.std.to(std) / std.clamp_min(1e-12)).clamp_min(MIN_GAIN)
+        scaler.a.copy_(torch.where(std > 0, a, scaler.a))  # a constant input keeps its gain
+        scaler.b.copy_(target.mean.to(mean) - scaler.a.clamp_min(MIN_GAIN) * mean)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The read-noise generator on `device` (None when there is no read noise)."""

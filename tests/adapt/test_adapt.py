@@ -1,0 +1,159 @@
+"""Adaptation: the initialization algorithm (Leroux et al., shared/PAPERS.md §1), distillation, kill-and-resume."""
+
+from contextlib import contextmanager
+
+import pytest
+import torch
+
+from cimattn.adapt import adapt_model, calibration_batch, load_adapted
+import cimattn.adapt.distill as distill_module
+from cimattn.adapt import distill as distill_module
+from cimattn.adapt.distill import distill, kl_loss, sample_windows
+from cimattn.adapt.initialize import alpha, fit_scalers, initialize, measure, teacher_targets
+from cimattn.config import load_preset
+from cimattn.models import convert, load_model
+from cimattn.models.convert import hardware_state_dict, scaler_parameters, trainable_parameters
+
+SMALL = {"window_tokens": 64, "tokens_per_array": 16}
+
+
+def hardware(**adapt):
+    recipe = {"calib_tokens": 128, "calib_context": 32, "init_iterations": 30, "finetune_steps": 3} | adapt
+    return load_preset("leroux-gaincell").model_copy(
+        update={"gaincell": load_preset("leroux-gaincell").gaincell.model_copy(update=SMALL),
+                "adapt": load_preset("leroux-gaincell").adapt.model_copy(update=recipe)}
+    )
+
+
+def pair(hw):
+    teacher, _ = load_model("tiny-llama", seed=1)
+    student, _ = load_model("tiny-llama", seed=1)
+    return convert(student, hw), teacher
+
+
+def ids(n=2000, seed=0):
+    return torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(seed))
+
+
+@contextmanager
+def no_progress(description, total=None):
+    yield lambda n=1: None
+
+
+def test_alpha_schedule_is_the_papers():
+    """α = linspace(1.0, 0.1, 50)[iteration], then 0.1."""
+    expected = torch.linspace(1.0, 0.1, 50)
+    assert [alpha(i) for i in range(50)] == pytest.approx(expected.tolist(), abs=1e-6)
+    assert alpha(50) == alpha(99) == pytest.approx(0.1)
+
+
+def fitted():
+    """A converted tiny model whose scalers were fitted to its teacher's targets: (student, batch, targets)."""
+    student, teacher = pair(hardware())
+    batch = calibration_batch(ids(), 128, 32)
+    targets = teacher_targets(student, teacher, batch)
+    fit_scalers(student, batch, targets)
+    return student, batch, targets
+
+
+def test_initialization_reaches_its_targets():
+    student, batch, targets = fitted()
+    history = initialize(student, batch, targets, iterations=60, tolerance=1e-4)
+    assert history[-1] < 1e-4, history
+    stats = measure(student, batch)
+    for key, (mu, sd) in stats.items():
+        assert torch.allclose(mu, targets[key][0], atol=2e-4) and torch.allclose(sd, targets[key][1], atol=2e-4), key
+
+
+def test_paper_iteration_converges_from_a_perturbed_fit():
+    """Step 2 of the paper: from near the targets, the all-at-once update reaches the tolerance."""
+    student, batch, targets = fitted()
+    with torch.no_grad():
+        for p in trainable_parameters(student, "scalers").values():
+            p.mul_(1.05)
+    history = initialize(student, batch, targets, iterations=100, tolerance=1e-4)
+    assert history[0] > 1e-3 and history[-1] < 1e-4, history
+
+
+def test_one_update_is_the_papers_formula():
+    """After one iteration with α = 1: a ← a·σ*/σ and b ← b + μ* − μ, entry by entry."""
+    hw = hardware()
+    student, _ = pair(hw)
+    batch = calibration_batch(ids(), 64, 32)
+    before = measure(student, batch)
+    module = dict(__import__("cimattn.models.convert", fromlist=["x"]).attention_modules(student))[0]
+    a0, b0 = (p.detach().clone() for p in scaler_parameters(module, "q"))
+    targets = {k: (mu + 0.1, sd * 2) for k, (mu, sd) in before.items()}
+    initialize(student, batch, targets, iterations=1, tolerance=1e-9)
+    a1, b1 = scaler_parameters(module, "q")
+    mu, sd = before[(0, "q")]
+    assert torch.allclose(a1, a0 * (sd * 2) / sd) and torch.allclose(b1, b0 + 0.1)
+
+
+def test_distillation_lowers_the_loss():
+    hw = hardware(lr=3e-2)
+    student, teacher = pair(hw)
+    data = ids()
+    before = kl_loss(student(sample_windows(data, 2, 32, 0, 999)).logits, teacher(sample_windows(data, 2, 32, 0, 999)).logits)
+    losses = distill(student, teacher, data, hw.adapt.model_copy(update={"batch_size": 2}), stage="t",
+                     parameters=trainable_parameters(student, "scalers"), steps=25, budget_s=None,
+                     checkpoint_dir=_tmp(), seed=0, progress=no_progress)
+    with torch.no_grad():
+        after = kl_loss(student(sample_windows(data, 2, 32, 0, 999)).logits, teacher(sample_windows(data, 2, 32, 0, 999)).logits)
+    assert len(losses) == 25 and after < before
+
+
+def _tmp():
+    import tempfile
+    from pathlib import Path
+
+    return Path(tempfile.mkdtemp())
+
+
+class Killed(Exception):
+    pass
+
+
+def killing_progress(after_steps):
+    """A progress that kills the run (like Ctrl-C) after `after_steps` fine-tuning steps."""
+    count = {"n": 0}
+
+    @contextmanager
+    def progress(description, total=None):
+        def advance(n=1):
+            if description.startswith("fine-tune"):
+                count["n"] += n
+                if count["n"] > after_steps:
+                    raise Killed
+
+        yield advance
+
+    return progress
+
+
+def test_killed_adaptation_resumes_to_the_same_parameters(tmp_path, monkeypatch):
+    monkeypatch.setattr(distill_module, "CHECKPOINT_EVERY_S", 0.0)  # checkpoint every step
+    hw = hardware(finetune_steps=6)
+    data = ids()
+    kwargs = dict(budget_s=None, seed=3, evaluate=lambda label: 0.0)
+
+    student, teacher = pair(hw)
+    adapt_model(student, teacher, data, hw, checkpoint_dir=tmp_path / "whole", progress=no_progress, **kwargs)
+    whole = hardware_state_dict(student)
+
+    for kill_after in (2, 7):  # in the linear stage's fine-tuning, then in the nonlinear one
+        student, teacher = pair(hw)
+        with pytest.raises(Killed):
+            adapt_model(student, teacher, data, hw, checkpoint_dir=tmp_path / "killed", progress=killing_progress(kill_after), **kwargs)
+    student, teacher = pair(hw)
+    metrics = adapt_model(student, teacher, data, hw, checkpoint_dir=tmp_path / "killed", progress=no_progress, **kwargs)
+    resumed = hardware_state_dict(student)
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        assert torch.equal(whole[key], resumed[key]), key
+    assert len(metrics["history"]["finetune_loss"]) == 6
+
+    fresh, _ = pair(hw)
+    load_adapted(fresh, tmp_path / "killed")
+    for key, value in hardware_state_dict(fresh).items():
+        assert torch.equal(value, whole[key])
