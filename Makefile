@@ -5,7 +5,7 @@ PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 # seconds of adaptation in the demo: keeps `make demo` within 15 min on 2 CPU cores
-DEMO_BUDGET ?= 420
+DEMO_BUDGET ?= 180
 
 .PHONY: demo test setup fetch clean
 
