@@ -18,7 +18,7 @@ SMALL = {"window_tokens": 64, "tokens_per_array": 16}
 
 
 def hardware(**adapt):
-    recipe = {"calib_tokens": 128, "calib_context": 32, "init_iterations": 30, "finetune_steps": 3} | adapt
+    recipe = {"calib_tokens": 128, "calib_context": 32, "init_iterations": 30, "layerwise_steps": 2, "finetune_steps": 3} | adapt
     return load_preset("leroux-gaincell").model_copy(
         update={"gaincell": load_preset("leroux-gaincell").gaincell.model_copy(update=SMALL),
                 "adapt": load_preset("leroux-gaincell").adapt.model_copy(update=recipe)}
@@ -157,3 +157,17 @@ def test_killed_adaptation_resumes_to_the_same_parameters(tmp_path, monkeypatch)
     load_adapted(fresh, tmp_path / "killed")
     for key, value in hardware_state_dict(fresh).items():
         assert torch.equal(value, whole[key])
+
+
+@pytest.mark.parametrize("which", ["scalers", "attention"])
+def test_layerwise_distillation_lowers_each_layers_error(which):
+    from cimattn.adapt.layerwise import capture_attention_io, train_layers
+
+    hw = hardware(lr=1e-2, train=which)
+    student, teacher = pair(hw)
+    batch = calibration_batch(ids(), 64, 32)
+    fit_scalers(student, batch, teacher_targets(student, teacher, batch))
+    captured = capture_attention_io(teacher, batch)
+    assert sorted(captured) == [0, 1]
+    errors = train_layers(student, captured, hw.adapt, steps_per_layer=15, progress=no_progress)
+    assert len(errors) == 2 and all(last < first for first, last in errors), errors

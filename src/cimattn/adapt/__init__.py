@@ -8,8 +8,10 @@ Stages, each resumable from the adapted directory:
             become the targets of the next stage.
   init      the *nonlinear* model: the initialization algorithm moves every
             scaler until its statistics match the linear model's (step 2).
-  finetune  distillation fine-tuning of the nonlinear model (step 3).
-A preset whose cell is linear stops after the first stage.
+  layerwise each attention layer trained alone to reproduce the teacher's
+            attention output from the teacher's inputs (ours, cheap).
+  finetune  end-to-end distillation fine-tuning (the paper's step 3).
+A preset whose cell is linear skips the linear fine-tuning and `init`.
 """
 
 from __future__ import annotations
@@ -21,12 +23,15 @@ from pathlib import Path
 import torch
 
 from cimattn.adapt import checkpoint
-from cimattn.adapt import distill
+from cimattn.adapt import distill, layerwise
 from cimattn.adapt.initialize import fit_scalers, initialize, measure_targets, teacher_targets
 from cimattn.config import HardwareConfig, load_preset
-from cimattn.models.convert import hardware_state_dict, load_hardware_state, set_cell, trainable_parameters
+from cimattn.errors import CimattnError
+from cimattn.models.convert import set_cell, trainable_parameters
 
-LINEAR_BUDGET_SHARE = 1 / 3  # of the fine-tuning budget, spent on the linear model; the rest on the nonlinear one
+# Shares of the wall-clock budget left when each stage starts:
+LINEAR_BUDGET_SHARE = 0.15  # fine-tuning the linear model (the paper's step 1)
+LAYERWISE_BUDGET_SHARE = 0.5  # layer-wise distillation; end-to-end fine-tuning takes the rest
 CALIBRATION_BUDGET_SHARE = 0.15  # of the whole budget, at most, for each statistics-matching stage
 
 
@@ -55,28 +60,28 @@ def adapt_model(
     batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context)
     final_cell = hardware.gaincell.cell
     state = checkpoint.read_state(checkpoint_dir)
+    if state:  # resume: the parameters of the last finished stage
+        load_parameters(model, checkpoint.load_parameters(checkpoint_dir))
+        set_cell(model, state["cell"])
     if state.get("done"):
-        load_hardware_state(model, checkpoint.load_parameters(checkpoint_dir))
-        set_cell(model, final_cell)
         return _result(state)
+
+    def remaining(share: float) -> float | None:
+        return None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - started)) * share
 
     def deadline() -> float | None:
         return None if budget_s is None else time.perf_counter() + CALIBRATION_BUDGET_SHARE * budget_s
 
     def finish(stage: str, cell: str, **entries) -> dict:
-        checkpoint.save_parameters(checkpoint_dir, hardware_state_dict(model), hardware)
+        checkpoint.save_parameters(checkpoint_dir, adapted_parameters(model, recipe.train), hardware)
         return checkpoint.update_state(checkpoint_dir, **{stage: True}, cell=cell, **entries)
 
-    def finetune(stage: str, share: float) -> list[float]:
+    def finetune(stage: str, budget: float | None) -> list[float]:
         steps = recipe.finetune_steps if budget_s is None else None
-        remaining = None if budget_s is None else max(0.0, budget_s - (time.perf_counter() - started)) * share
-        if steps == 0 or remaining == 0.0:
+        if steps == 0 or budget == 0.0:
             return []
         return distill.distill(model, teacher, calib_ids, recipe, stage=stage, parameters=trainable_parameters(model, recipe.train),
-                       steps=steps, budget_s=remaining, checkpoint_dir=checkpoint_dir, seed=seed, progress=progress)
-
-    if state.get("cell"):  # resume: the parameters of the last finished stage
-        load_hardware_state(model, checkpoint.load_parameters(checkpoint_dir))
+                               steps=steps, budget_s=budget, checkpoint_dir=checkpoint_dir, seed=seed, progress=progress)
 
     if not state.get("linear"):
         set_cell(model, "linear")
@@ -85,27 +90,53 @@ def adapt_model(
         with progress("calibrate (linear cell)", total=recipe.init_iterations) as advance:
             calib = initialize(model, batch, targets, iterations=recipe.init_iterations,
                                tolerance=recipe.init_tolerance, deadline=deadline(), progress=advance)
-        share = LINEAR_BUDGET_SHARE if final_cell == "nonlinear" else 1.0
-        losses = finetune("linear", share)
+        losses = finetune("linear", remaining(LINEAR_BUDGET_SHARE)) if final_cell == "nonlinear" else []
         state = finish("linear", "linear", calibration_error=calib, linear_loss=losses, ppl_linear_adapted=evaluate("linear cell, adapted"))
     if final_cell == "nonlinear" and not state.get("init"):
-        set_cell(model, "linear")
         targets = measure_targets(model, list(batch.split(1)))
         set_cell(model, "nonlinear")
         with progress("initialization algorithm (nonlinear cell)", total=recipe.init_iterations) as advance:
             init = initialize(model, batch, targets, iterations=recipe.init_iterations, tolerance=recipe.init_tolerance,
                               deadline=deadline(), progress=advance)
         state = finish("init", "nonlinear", init_error=init, ppl_hardware_initialized=evaluate("initialization algorithm"))
-    if final_cell == "nonlinear" and not state.get("finetune"):
-        set_cell(model, "nonlinear")
-        state = finish("finetune", "nonlinear", finetune_loss=finetune("finetune", 1.0))
+    if not state.get("layerwise"):
+        captured = layerwise.capture_attention_io(teacher, batch)
+        steps = state.get("layerwise_steps")
+        if steps is None:  # planned once, so a resumed run trains as many steps
+            budget = remaining(LAYERWISE_BUDGET_SHARE)
+            per_step = layerwise.time_one_step(model, captured, recipe) if budget else 1.0
+            steps = recipe.layerwise_steps if budget is None else int(budget / len(captured) / per_step)
+            state = checkpoint.update_state(checkpoint_dir, layerwise_steps=steps)
+        errors = layerwise.train_layers(model, captured, recipe, steps_per_layer=steps, progress=progress)
+        entries = {"layerwise_error": [last for _, last in errors], "ppl_hardware_layerwise": evaluate("layer-wise distillation")} if errors else {}
+        state = finish("layerwise", final_cell, **entries)
+    if not state.get("finetune"):
+        state = finish("finetune", final_cell, finetune_loss=finetune("finetune", remaining(1.0)))
     state = checkpoint.update_state(checkpoint_dir, done=True)
     return _result(state)
 
 
+def adapted_parameters(model: torch.nn.Module, which: str) -> dict[str, torch.Tensor]:
+    """What an adaptation changes, to save: the scalers and whatever else `which` trains."""
+    return {name: p.detach() for name, p in trainable_parameters(model, which).items()}
+
+
+def load_parameters(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy saved adapted parameters into a converted model (in place)."""
+    own = dict(model.named_parameters())
+    unknown = sorted(tensors.keys() - own.keys())
+    if unknown:
+        raise CimattnError(f"adapted parameters do not fit this model ({unknown[0]} …): were they saved from the same model and preset?")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            if value.shape != own[name].shape:
+                raise CimattnError(f"adapted parameter '{name}': shape {tuple(value.shape)}, the model has {tuple(own[name].shape)}")
+            own[name].copy_(value)
+
+
 def _result(state: dict) -> dict:
     metrics = {k: v for k, v in state.items() if k.startswith("ppl_")}
-    histories = ("calibration_error", "linear_loss", "init_error", "finetune_loss")
+    histories = ("calibration_error", "linear_loss", "init_error", "layerwise_error", "finetune_loss")
     metrics["history"] = {k: state[k] for k in histories if state.get(k)}
     return metrics
 
@@ -113,7 +144,7 @@ def _result(state: dict) -> dict:
 def load_adapted(model: torch.nn.Module, directory: Path) -> HardwareConfig:
     """Load a finished adaptation's parameters into a model converted with the same preset."""
     hardware = load_preset(Path(directory) / checkpoint.PRESET)
-    load_hardware_state(model, checkpoint.load_parameters(directory))
+    load_parameters(model, checkpoint.load_parameters(directory))
     return hardware
 
 
