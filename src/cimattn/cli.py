@@ -67,6 +67,10 @@ def _setup(seed: int, quiet: bool) -> _Console:
 
     torch.manual_seed(seed)
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    if quiet:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     return _Console(quiet)
 

@@ -17,6 +17,7 @@ PPL_STAGES = {
     "ppl_hardware_initial": "converted",
     "ppl_linear_adapted": "linear cell, adapted",
     "ppl_hardware_initialized": "initialization algorithm",
+    "ppl_hardware_layerwise": "layer-wise distillation",
     "ppl_hardware_adapted": "adapted",
 }
 
@@ -78,7 +79,7 @@ def _plot_history(out: Path, results: dict) -> Path | None:
     for ax, (name, values) in zip(axes[0], history.items()):
         ax.plot(range(1, len(values) + 1), values, marker="." if len(values) < 60 else None)
         ax.set_yscale("log")
-        ax.set_xlabel("step")
+        ax.set_xlabel("layer" if name == "layerwise_error" else "step")
         ax.set_title(name.replace("_", " "))
     return _save(fig, out / "adaptation.png")
 
