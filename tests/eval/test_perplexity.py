@@ -121,6 +121,10 @@ def test_smollm2_on_the_eval_corpus():
 
     model, tokenizer = load_model("smollm2-135m")
     ids = tokenize_cached(tokenizer, load_text(None, "eval"), "corpus-eval")
-    result = perplexity(model, ids, context=1024, eval_tokens=1024)
-    assert result.eval_tokens == 1024 and result.scored_tokens == 1023
+    result = perplexity(model, ids, context=512, eval_tokens=1024)
+    assert result.eval_tokens == 1024 and result.scored_tokens == 1022
     assert 5 < result.ppl < 200  # ~30 for SmolLM2-135M on Macbeth
+    # the same windows through transformers' own `labels=` loss (issue 4: within 0.5 %)
+    with torch.inference_mode():
+        losses = [model(w[None], labels=w[None]).loss for w in ids[:1024].split(512)]
+    assert result.ppl == pytest.approx(torch.stack(losses).mean().exp().item(), rel=5e-3)
