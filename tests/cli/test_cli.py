@@ -100,18 +100,20 @@ def test_run_digital_tiny_writes_results(monkeypatch, capsys, tmp_path, tiny_tex
     assert not list(out.glob(".*.tmp")), "no temporary files left behind"
 
 
-def test_gaincell_run_then_eval_and_generate_the_adapted_model(monkeypatch, capsys, tmp_path, tiny_text):
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_gaincell_run_then_eval_and_generate_the_adapted_model(monkeypatch, capsys, tmp_path, tiny_text, model):
     preset = tmp_path / "tiny-gaincell.yaml"
     preset.write_text(
         "attention: gaincell\ngaincell: {window_tokens: 64, tokens_per_array: 16}\n"
-        "adapt: {calib_tokens: 128, calib_context: 32, init_iterations: 5, finetune_steps: 2}\n"
+        "adapt: {calib_tokens: 128, calib_context: 32, init_iterations: 5, layerwise_steps: 2, finetune_steps: 2, train: attention}\n"
     )
     out = tmp_path / "run"
-    common = ["--model", "tiny-llama", "--text", tiny_text, "--eval-tokens", 256, "--context", 64, "--quiet"]
+    common = ["--model", model, "--text", tiny_text, "--eval-tokens", 256, "--context", 64, "--quiet"]
     code, _, err = cli(monkeypatch, capsys, "run", *common, "--preset", preset, "--out", out)
     assert code == 0, err
     m = json.loads((out / "results.json").read_text())["metrics"]
-    for key in ("ppl_digital", "ppl_hardware_initial", "ppl_linear_adapted", "ppl_hardware_initialized", "ppl_hardware_adapted"):
+    for key in ("ppl_digital", "ppl_hardware_initial", "ppl_linear_adapted", "ppl_hardware_initialized",
+                "ppl_hardware_layerwise", "ppl_hardware_adapted"):
         assert m[key] > 1, key
     assert (out / "adapted" / "hardware.safetensors").is_file() and (out / "adaptation.png").is_file()
 
@@ -126,7 +128,31 @@ def test_gaincell_run_then_eval_and_generate_the_adapted_model(monkeypatch, caps
     assert code == 0, err
     assert json.loads((out / "results.json").read_text())["metrics"] == m
 
-    code, text, err = cli(monkeypatch, capsys, "generate", "To be", "--model", "tiny-llama", "--adapted", out / "adapted",
+    code, text, err = cli(monkeypatch, capsys, "generate", "To be", "--model", model, "--adapted", out / "adapted",
                           "--max-new-tokens", 8, "--quiet")
     assert code == 0, err
     assert text.startswith("To be") and len(text.strip()) > len("To be")
+
+
+def test_unsupported_architecture_is_one_line(monkeypatch, capsys, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
+    code, _, err = cli(monkeypatch, capsys, "eval", "--model", "tiny-llama", "--out", tmp_path / "r")
+    assert code == 2 and "AttentionInterface" in err and len(err.strip().splitlines()) == 1
+
+
+def test_ctrl_c_leaves_finished_stages_and_no_partial_file(monkeypatch, capsys, tmp_path, tiny_text):
+    from cimattn import pipeline
+
+    def interrupted(run):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "STAGES", [pipeline.STAGES[0], ("convert", interrupted), *pipeline.STAGES[2:]])
+    out = tmp_path / "run"
+    code, _, _ = cli(monkeypatch, capsys, "run", "--model", "tiny-llama", "--preset", "digital", "--out", out,
+                     "--text", tiny_text, "--eval-tokens", 128, "--context", 64, "--quiet")
+    assert code != 0
+    results = json.loads((out / "results.json").read_text())  # complete JSON, with the finished stage
+    assert "ppl_digital" in results["metrics"] and "ppl_hardware_initial" not in results["metrics"]
+    assert not list(out.glob(".*.tmp"))

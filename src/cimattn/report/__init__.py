@@ -75,8 +75,12 @@ def _plot_history(out: Path, results: dict) -> Path | None:
     history = {k: v for k, v in results.get("history", {}).items() if v}
     if not history:
         return None
-    fig, axes = plt.subplots(1, len(history), figsize=(4.5 * len(history), 3.2), squeeze=False)
-    for ax, (name, values) in zip(axes[0], history.items()):
+    cols = min(3, len(history))
+    rows = -(-len(history) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4.5 * cols, 3.2 * rows), squeeze=False)
+    for ax in axes.flat[len(history) :]:
+        ax.axis("off")
+    for ax, (name, values) in zip(axes.flat, history.items()):
         ax.plot(range(1, len(values) + 1), values, marker="." if len(values) < 60 else None)
         ax.set_yscale("log")
         ax.set_xlabel("layer" if name == "layerwise_error" else "step")
