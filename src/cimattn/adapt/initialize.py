@@ -36,6 +36,7 @@ from cimattn.models.convert import SCALERS, attention_modules, recorded_stats, s
 
 Targets = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, scaler) → (μ*, σ*) per head
 ALPHA_START, ALPHA_END, ALPHA_STEPS = 1.0, 0.1, 50  # the paper's step-size schedule
+QKV_SPREAD = 0.25  # teacher targets: q, k, v std as a fraction of their converter's range (±2σ fills it)
 
 
 def alpha(iteration: int) -> float:
@@ -80,15 +81,22 @@ def measure_targets(model: torch.nn.Module, batches: list[torch.Tensor], momentu
 
 
 @torch.no_grad()
-def teacher_targets(model: torch.nn.Module, teacher: torch.nn.Module, batch: torch.Tensor) -> Targets:
-    """Targets from the digital teacher: converters' ranges for q, k, v; the teacher's output statistics for out."""
+def teacher_targets(
+    model: torch.nn.Module, teacher: torch.nn.Module, batch: torch.Tensor, spread: dict[str, float] | None = None
+) -> Targets:
+    """Targets from the digital teacher: converters' ranges for q, k, v; the teacher's output statistics for out.
+
+    q, k, v are centred in their converter's range with std = spread × range
+    (default QKV_SPREAD of the range).
+    """
+    spread = {name: QKV_SPREAD for name in ("q", "k", "v")} | (spread or {})
     targets: Targets = {}
     for layer, module in attention_modules(model):
         g = module.cim.config
         for name, quantizer in (("q", g.q), ("k", g.k), ("v", g.v)):
             heads = scaler_parameters(module, name)[0].numel()
-            mid, quarter = (quantizer.low + quantizer.high) / 2, (quantizer.high - quantizer.low) / 4
-            targets[(layer, name)] = (torch.full((heads,), mid), torch.full((heads,), quarter))
+            mid, std = (quantizer.low + quantizer.high) / 2, (quantizer.high - quantizer.low) * spread[name]
+            targets[(layer, name)] = (torch.full((heads,), mid), torch.full((heads,), std))
     for layer, (mu, sd) in teacher_attention_output_stats(teacher, batch).items():
         targets[(layer, "out")] = (mu, sd)
     return targets
