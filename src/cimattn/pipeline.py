@@ -31,7 +31,6 @@ from cimattn.storage import atomic_write_json, git_commit, read_json, versions
 
 RESULTS = "results.json"
 ADAPTED = "adapted"  # the run directory's folder of adapted hardware parameters
-ADAPTED_PRESET = "preset.yaml"  # the hardware config beside them
 
 
 @dataclass
@@ -215,7 +214,7 @@ def run_pipeline(spec: RunSpec, *, progress: Callable = no_progress, log: Callab
     for name, stage in STAGES:
         _timed(run, name, stage, log)
         run.save()
-    run.results["timings"]["total"] = time.perf_counter() - started
+    run.results["timings"]["total"] = round(time.perf_counter() - started, 3)
     run.save()
     return run.results
 
@@ -235,9 +234,11 @@ def hardware_window(hardware: HardwareConfig) -> int | float:
 
 def hardware_source(preset: str | None, adapted: Path | None) -> str | None:
     """The preset to convert to: --preset, else the adapted directory's own, else None (digital)."""
-    if adapted is not None and not (Path(adapted) / ADAPTED_PRESET).is_file():
-        raise CimattnError(f"--adapted {adapted}: not an adapted directory (no {ADAPTED_PRESET}); give a run's adapted/ folder")
-    return preset or (str(Path(adapted) / ADAPTED_PRESET) if adapted else None)
+    from cimattn.adapt.checkpoint import PRESET
+
+    if adapted is not None and not (Path(adapted) / PRESET).is_file():
+        raise CimattnError(f"--adapted {adapted}: not an adapted directory (no {PRESET}); give a run's adapted/ folder")
+    return preset or (str(Path(adapted) / PRESET) if adapted else None)
 
 
 def to_hardware(model: torch.nn.Module, preset: str | None, adapted: Path | None) -> HardwareConfig | None:
