@@ -171,3 +171,11 @@ def test_layerwise_distillation_lowers_each_layers_error(which):
     assert sorted(captured) == [0, 1]
     errors = train_layers(student, captured, hw.adapt, steps_per_layer=15, progress=no_progress)
     assert len(errors) == 2 and all(last < first for first, last in errors), errors
+
+
+def test_finished_adaptation_keeps_only_its_result(tmp_path):
+    hw = hardware(finetune_steps=2)
+    student, teacher = pair(hw)
+    adapt_model(student, teacher, ids(), hw, budget_s=None, checkpoint_dir=tmp_path, progress=no_progress, evaluate=lambda label: 0.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hardware.safetensors", "preset.yaml", "state.json"]
+    assert (tmp_path / "state.json").stat().st_mode & 0o044  # readable like any result file

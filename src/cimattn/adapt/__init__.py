@@ -84,7 +84,9 @@ def adapt_model(
 
     def finish(stage: str, cell: str, **entries) -> dict:
         checkpoint.save_parameters(checkpoint_dir, adapted_parameters(model, recipe.train), hardware)
-        return checkpoint.update_state(checkpoint_dir, **{stage: True}, cell=cell, **entries)
+        state = checkpoint.update_state(checkpoint_dir, **{stage: True}, cell=cell, **entries)
+        checkpoint.drop_training(checkpoint_dir, stage)
+        return state
 
     def finetune(stage: str, budget: float | None) -> list[float]:
         steps = recipe.finetune_steps if budget_s is None else None

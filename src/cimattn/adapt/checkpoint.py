@@ -6,7 +6,8 @@ An adapted directory holds:
   state.json              finished stages and their metrics / histories
   train-STAGE.safetensors while fine-tuning runs: parameters, optimizer
                           tensors and step in one file, so one atomic write
-                          makes a consistent checkpoint
+                          makes a consistent checkpoint; removed once the
+                          stage's result is saved
 Every file is written atomically: a kill leaves the previous version.
 """
 
@@ -65,6 +66,11 @@ def save_training(directory: Path, stage: str, params: dict[str, torch.Tensor], 
                 scalars[f"{index}.{name}"] = value
     meta = {"param_groups": json.dumps(sd["param_groups"]), "scalars": json.dumps(scalars), "progress": json.dumps(progress)}
     atomic_write_bytes(Path(directory) / f"train-{stage}.safetensors", save(_cpu(tensors), metadata=meta))
+
+
+def drop_training(directory: Path, stage: str) -> None:
+    """Remove a finished stage's training checkpoint: its result lives in the parameters file."""
+    (Path(directory) / f"train-{stage}.safetensors").unlink(missing_ok=True)
 
 
 def load_training(directory: Path, stage: str, optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict] | None:
