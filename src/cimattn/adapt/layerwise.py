@@ -66,7 +66,7 @@ def train_layers(
         for layer, (args, kwargs, target) in sorted(captured.items()):
             module = modules[layer]
             params = layer_parameters(module, recipe.train)
-            optimizer = torch.optim.AdamW(params, lr=recipe.lr, betas=recipe.betas, weight_decay=0.0)
+            optimizer = torch.optim.AdamW(params, lr=recipe.layerwise_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
             module.train()
             losses = []
             for _ in range(steps_per_layer):

@@ -168,7 +168,11 @@ class Adapt(Strict):
     init_tolerance: float = Field(1e-4, gt=0, description="stop when every |error| of mean and std is below this [1]")
     layerwise_steps: int = Field(0, ge=0, description="layer-wise distillation steps per layer without --budget (0 = skip) [steps]")
     finetune_steps: int = Field(0, ge=0, description="distillation fine-tuning steps without --budget (0 = skip) [steps]")
-    lr: float = Field(6e-4, gt=0, lt=1, description="AdamW learning rate — " + LEROUX)
+    lr: float = Field(6e-4, gt=0, lt=1, description="AdamW learning rate of the distillation fine-tuning — " + LEROUX)
+    layerwise_lr: float = Field(
+        3e-3, gt=0, lt=1,
+        description="AdamW learning rate of the layer-wise distillation (ours: on SmolLM2-135M layers 5 and 15 it reached 2–5× lower error than 6e-4 in 120 steps)",
+    )
     weight_decay: float = Field(0.1, ge=0, lt=1, description="AdamW weight decay — " + LEROUX)
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas — " + LEROUX)
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip — " + LEROUX)
