@@ -155,7 +155,7 @@ def adapt(run: Run) -> None:
         return
     history = adapt_model(
         run.model, run.teacher, run.calib_ids, run.hardware,
-        budget_s=run.spec.budget_s, checkpoint_dir=run.out / ADAPTED, seed=run.spec.seed,
+        budget_s=run.spec.budget_s, context=run.spec.context, checkpoint_dir=run.out / ADAPTED, seed=run.spec.seed,
         progress=run.progress, evaluate=lambda label: _perplexity(run, label).ppl,
     )
     run.results["history"].update(history.pop("history", {}))

@@ -135,7 +135,7 @@ def test_killed_adaptation_resumes_to_the_same_parameters(tmp_path, monkeypatch)
     monkeypatch.setattr(distill_module, "CHECKPOINT_EVERY_S", 0.0)  # checkpoint every step
     hw = hardware(finetune_steps=6)
     data = ids()
-    kwargs = dict(budget_s=None, seed=3, evaluate=lambda label: 0.0)
+    kwargs = dict(budget_s=None, context=32, seed=3, evaluate=lambda label: 0.0)
 
     student, teacher = pair(hw)
     adapt_model(student, teacher, data, hw, checkpoint_dir=tmp_path / "whole", progress=no_progress, **kwargs)
@@ -176,6 +176,19 @@ def test_layerwise_distillation_lowers_each_layers_error(which):
 def test_finished_adaptation_keeps_only_its_result(tmp_path):
     hw = hardware(finetune_steps=2)
     student, teacher = pair(hw)
-    adapt_model(student, teacher, ids(), hw, budget_s=None, checkpoint_dir=tmp_path, progress=no_progress, evaluate=lambda label: 0.0)
+    adapt_model(student, teacher, ids(), hw, budget_s=None, context=32, checkpoint_dir=tmp_path, progress=no_progress, evaluate=lambda label: 0.0)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["hardware.safetensors", "preset.yaml", "state.json"]
     assert (tmp_path / "state.json").stat().st_mode & 0o044  # readable like any result file
+
+
+def test_unset_calibration_context_follows_the_run(tmp_path, monkeypatch):
+    """HardSigmoid attention sums more keys in longer windows: adapt at the evaluated context."""
+    import cimattn.adapt as adapt
+
+    seen = []
+    real = adapt.calibration_batch
+    monkeypatch.setattr(adapt, "calibration_batch", lambda ids, tokens, context: seen.append(context) or real(ids, tokens, context))
+    hw = hardware(calib_context=None, finetune_steps=0, layerwise_steps=0, init_iterations=1)
+    student, teacher = pair(hw)
+    adapt_model(student, teacher, ids(), hw, budget_s=None, context=48, checkpoint_dir=tmp_path, progress=no_progress, evaluate=lambda label: 0.0)
+    assert seen == [48]

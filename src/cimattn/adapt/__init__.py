@@ -49,13 +49,17 @@ def adapt_model(
     hardware: HardwareConfig,
     *,
     budget_s: float | None,
+    context: int,
     checkpoint_dir: Path,
     seed: int = 0,
     progress: Callable,
     evaluate: Callable[[str], float],
 ) -> dict:
-    """Adapt `model` (converted to `hardware`) in place; returns its metrics and a `history` of losses."""
-    recipe = hardware.adapt
+    """Adapt `model` (converted to `hardware`) in place; returns its metrics and a `history` of losses.
+
+    `context`: window length of calibration and training when the recipe's `calib_context` is null.
+    """
+    recipe = hardware.adapt.model_copy(update={"calib_context": hardware.adapt.calib_context or context})
     started = time.perf_counter()
     batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context)
     final_cell = hardware.gaincell.cell

@@ -163,7 +163,11 @@ class Adapt(Strict):
     """How a converted model is adapted (Leroux et al.'s stages, each optional)."""
 
     calib_tokens: int = Field(8192, ge=64, description="tokens of calibration text for the statistics / initialization [tokens]")
-    calib_context: int = Field(512, ge=8, description="sequence length of calibration batches [tokens]")
+    calib_context: int | None = Field(
+        None, ge=8,
+        description="sequence length of calibration and training windows; null = the run's --context. HardSigmoid "
+        "attention has no normalisation, so its output grows with the keys it sums: adapt at the evaluated length [tokens]",
+    )
     init_iterations: int = Field(100, ge=0, le=10000, description="max iterations of the initialization algorithm [1]")
     init_tolerance: float = Field(1e-4, gt=0, description="stop when every |error| of mean and std is below this [1]")
     layerwise_steps: int = Field(0, ge=0, description="layer-wise distillation steps per layer without --budget (0 = skip) [steps]")
