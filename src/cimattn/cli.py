@@ -97,6 +97,28 @@ def run(
     _print_metrics(ui, results, out)
 
 
+@app.command()
+def adapt(
+    model: Model = "smollm2-135m",
+    preset: Preset = "leroux-gaincell",
+    out: Out = Path("runs/adapt"),
+    context: Context = 1024,
+    eval_tokens: EvalTokens = 4096,
+    text: Text = None,
+    budget: Annotated[float | None, typer.Option(min=0, help="Wall-clock seconds for adaptation (default: the preset's recipe).")] = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Convert and adapt only (no digital baseline): writes OUT/adapted/ for `eval --adapted` and `generate --adapted`."""
+    from cimattn.pipeline import RunSpec, run_pipeline
+
+    ui = _setup(seed, quiet)
+    spec = RunSpec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget, seed=seed)
+    results = run_pipeline(spec, progress=ui.progress, log=ui.log, stages=("convert", "adapt", "report"))
+    _print_metrics(ui, results, out)
+
+
 @app.command("eval")
 def eval_(
     model: Model = "smollm2-135m",

@@ -196,8 +196,14 @@ def _perplexity(run: Run, label: str):
         return perplexity(run.model, run.eval_ids, context=run.spec.context, eval_tokens=run.spec.eval_tokens, progress=advance)
 
 
-def run_pipeline(spec: RunSpec, *, progress: Callable = no_progress, log: Callable[[str], None] = lambda s: None) -> dict:
-    """Run every stage into `spec.out`, resuming what a previous identical run finished."""
+def run_pipeline(
+    spec: RunSpec,
+    *,
+    progress: Callable = no_progress,
+    log: Callable[[str], None] = lambda s: None,
+    stages: tuple[str, ...] | None = None,
+) -> dict:
+    """Run every stage (or the named ones, in pipeline order) into `spec.out`, resuming what an identical run finished."""
     hardware = load_preset(spec.preset)
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -212,6 +218,8 @@ def run_pipeline(spec: RunSpec, *, progress: Callable = no_progress, log: Callab
     started = time.perf_counter()
     _timed(run, "load", load, log)
     for name, stage in STAGES:
+        if stages is not None and name not in stages:
+            continue
         _timed(run, name, stage, log)
         run.save()
     run.results["timings"]["total"] = round(time.perf_counter() - started, 3)

@@ -20,7 +20,7 @@ def cli(monkeypatch, capsys, *args):
     return code, captured.out, captured.err
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["eval"], ["presets"], ["presets", "show"], ["fetch"]])
+@pytest.mark.parametrize("command", [[], ["run"], ["adapt"], ["eval"], ["generate"], ["presets"], ["presets", "show"], ["fetch"]])
 def test_help(monkeypatch, capsys, command):
     code, out, _ = cli(monkeypatch, capsys, *command, "--help")
     assert code == 0 and "Usage" in out
@@ -156,3 +156,16 @@ def test_ctrl_c_leaves_finished_stages_and_no_partial_file(monkeypatch, capsys, 
     results = json.loads((out / "results.json").read_text())  # complete JSON, with the finished stage
     assert "ppl_digital" in results["metrics"] and "ppl_hardware_initial" not in results["metrics"]
     assert not list(out.glob(".*.tmp"))
+
+
+def test_adapt_command_writes_adapted_parameters(monkeypatch, capsys, tmp_path, tiny_text):
+    preset = tmp_path / "tiny-gaincell.yaml"
+    preset.write_text("attention: gaincell\ngaincell: {window_tokens: 64, tokens_per_array: 16}\n"
+                      "adapt: {calib_tokens: 128, init_iterations: 3, finetune_steps: 1}\n")
+    out = tmp_path / "a"
+    code, _, err = cli(monkeypatch, capsys, "adapt", "--model", "tiny-llama", "--preset", preset, "--out", out,
+                       "--text", tiny_text, "--eval-tokens", 128, "--context", 32, "--quiet")
+    assert code == 0, err
+    metrics = json.loads((out / "results.json").read_text())["metrics"]
+    assert "ppl_digital" not in metrics and "ppl_hardware_initialized" in metrics
+    assert (out / "adapted" / "hardware.safetensors").is_file() and (out / "report.md").is_file()
