@@ -192,3 +192,19 @@ def test_unset_calibration_context_follows_the_run(tmp_path, monkeypatch):
     student, teacher = pair(hw)
     adapt_model(student, teacher, ids(), hw, budget_s=None, context=48, checkpoint_dir=tmp_path, progress=no_progress, evaluate=lambda label: 0.0)
     assert seen == [48]
+
+
+def test_initialization_cut_by_the_budget_keeps_its_best_scalers(monkeypatch):
+    """Out of time, the algorithm leaves the scalers of the lowest error it measured, not its last update."""
+    import sys
+
+    init_module = sys.modules["cimattn.adapt.initialize"]  # the package re-exports a function of that name
+    student, batch, targets = fitted()
+    far = {k: (mu + 0.3, sd * 3) for k, (mu, sd) in targets.items()}  # α = 1 from far away overshoots
+    clock = iter([0.0, 0.0, 10.0])  # the deadline (5 s) passes before the third measurement
+    monkeypatch.setattr(init_module.time, "perf_counter", lambda: next(clock))
+    history = initialize(student, batch, far, iterations=10, tolerance=1e-9, deadline=5.0)
+    assert len(history) == 3
+    stats = measure(student, batch)
+    now = max(torch.maximum((mu - far[k][0]).abs(), (sd - far[k][1]).abs()).max().item() for k, (mu, sd) in stats.items())
+    assert now == pytest.approx(min(history), rel=1e-5)

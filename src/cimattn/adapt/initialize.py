@@ -145,25 +145,37 @@ def initialize(
     """Run the algorithm; returns the largest |μ − μ*| or |σ − σ*| before each update (the loss per iteration)."""
     history: list[float] = []
     modules = dict(attention_modules(model))
+    best: tuple[float, list[torch.Tensor]] | None = None  # lowest error measured, and the scalers that had it
     for iteration in range(iterations):
         stats = measure(model, batch)
-        errors = []
+        errors = {key: ((mu - targets[key][0]).abs(), (sd - targets[key][1]).abs()) for key, (mu, sd) in stats.items()}
+        history.append(max(torch.maximum(e_mu, e_sd).max().item() for e_mu, e_sd in errors.values()))
+        if best is None or history[-1] < best[0]:
+            best = (history[-1], [p.detach().clone() for p in _scalers(modules)])
+        out_of_time = deadline is not None and time.perf_counter() > deadline
+        if out_of_time and best[0] < history[-1]:
+            # Cut short by the budget while the early iterations (α near 1) overshoot:
+            # keep the scalers of the lowest error measured, not the last ones.
+            for p, saved in zip(_scalers(modules), best[1]):
+                p.copy_(saved)
+        if progress:
+            progress(1)
+        if history[-1] < tolerance or out_of_time:
+            break
+        step = alpha(iteration)
         for (layer, name), (mu, sd) in stats.items():
             mu_t, sd_t = targets[(layer, name)]
-            e_mu, e_sd = (mu - mu_t).abs(), (sd - sd_t).abs()
-            errors.append(torch.maximum(e_mu, e_sd).max().item())
+            e_mu, e_sd = errors[(layer, name)]
             a, b = scaler_parameters(modules[layer], name)
-            step = alpha(iteration)
             # a head whose output is constant (σ = 0) has no gain to correct: leave its a
             fix_a = (e_sd > tolerance) & (sd > 0)
             a.copy_(torch.where(fix_a, step * a * sd_t / sd.clamp_min(1e-12) + (1 - step) * a, a))
             b.copy_(torch.where(e_mu > tolerance, step * (b + mu_t - mu) + (1 - step) * b, b))
-        history.append(max(errors))
-        if progress:
-            progress(1)
-        if history[-1] < tolerance or (deadline is not None and time.perf_counter() > deadline):
-            break
     return history
+
+
+def _scalers(modules: dict[int, torch.nn.Module]) -> list[torch.Tensor]:
+    return [p for m in modules.values() for name in SCALERS for p in scaler_parameters(m, name)]
 
 
 __all__ = ["SCALERS", "alpha", "fit_scalers", "initialize", "measure", "measure_targets", "teacher_targets"]
