@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from cimattn.adapt import adapt_model, calibration_batch, load_adapted
-import cimattn.adapt.distill as distill_module
 from cimattn.adapt import distill as distill_module
 from cimattn.adapt.distill import distill, kl_loss, sample_windows
 from cimattn.adapt.initialize import alpha, fit_scalers, initialize, measure, teacher_targets

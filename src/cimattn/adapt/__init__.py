@@ -26,8 +26,7 @@ from cimattn.adapt import checkpoint
 from cimattn.adapt import distill, layerwise
 from cimattn.adapt.initialize import fit_scalers, initialize, measure_targets, teacher_targets
 from cimattn.config import HardwareConfig, load_preset
-from cimattn.errors import CimattnError
-from cimattn.models.convert import set_cell, trainable_parameters
+from cimattn.models.convert import hardware_state_dict, load_hardware_state, set_cell, trainable_parameters
 
 # Shares of the wall-clock budget left when each stage starts:
 LINEAR_BUDGET_SHARE = 0.15  # fine-tuning the linear model (the paper's step 1)
@@ -65,7 +64,7 @@ def adapt_model(
     final_cell = hardware.gaincell.cell
     state = checkpoint.read_state(checkpoint_dir)
     if state:  # resume: the parameters of the last finished stage
-        load_parameters(model, checkpoint.load_parameters(checkpoint_dir))
+        load_hardware_state(model, checkpoint.load_parameters(checkpoint_dir))
         set_cell(model, state["cell"])
     if state.get("done"):
         return _result(state)
@@ -87,7 +86,7 @@ def adapt_model(
         return None if budget_s is None else time.perf_counter() + CALIBRATION_BUDGET_SHARE * budget_s
 
     def finish(stage: str, cell: str, **entries) -> dict:
-        checkpoint.save_parameters(checkpoint_dir, adapted_parameters(model, recipe.train), hardware)
+        checkpoint.save_parameters(checkpoint_dir, hardware_state_dict(model, recipe.train), hardware)
         state = checkpoint.update_state(checkpoint_dir, **{stage: True}, cell=cell, **entries)
         checkpoint.drop_training(checkpoint_dir, stage)
         return state
@@ -132,24 +131,6 @@ def adapt_model(
     return _result(state)
 
 
-def adapted_parameters(model: torch.nn.Module, which: str) -> dict[str, torch.Tensor]:
-    """What an adaptation changes, to save: the scalers and whatever else `which` trains."""
-    return {name: p.detach() for name, p in trainable_parameters(model, which).items()}
-
-
-def load_parameters(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-    """Copy saved adapted parameters into a converted model (in place)."""
-    own = dict(model.named_parameters())
-    unknown = sorted(tensors.keys() - own.keys())
-    if unknown:
-        raise CimattnError(f"adapted parameters do not fit this model ({unknown[0]} …): were they saved from the same model and preset?")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            if value.shape != own[name].shape:
-                raise CimattnError(f"adapted parameter '{name}': shape {tuple(value.shape)}, the model has {tuple(own[name].shape)}")
-            own[name].copy_(value)
-
-
 def _result(state: dict) -> dict:
     metrics = {k: v for k, v in state.items() if k.startswith("ppl_")}
     histories = ("calibration_error", "linear_loss", "init_error", "layerwise_error", "finetune_loss")
@@ -160,7 +141,7 @@ def _result(state: dict) -> dict:
 def load_adapted(model: torch.nn.Module, directory: Path) -> HardwareConfig:
     """Load a finished adaptation's parameters into a model converted with the same preset."""
     hardware = load_preset(Path(directory) / checkpoint.PRESET)
-    load_parameters(model, checkpoint.load_parameters(directory))
+    load_hardware_state(model, checkpoint.load_parameters(directory))
     return hardware
 
 

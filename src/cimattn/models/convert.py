@@ -140,26 +140,30 @@ def trainable_parameters(model: nn.Module, which: Literal["scalers", "attention"
     raise CimattnError(f"unknown parameter set '{which}': choose scalers, attention or all")
 
 
-def hardware_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
-    """{'<attention module>.cim.scalers.<q|k|v|out>.<a|b>': tensor}: detached CPU copies, safetensors-ready."""
-    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in _scaler_named_parameters(model).items()}
+def hardware_state_dict(model: nn.Module, which: Literal["scalers", "attention", "all"] = "scalers") -> dict[str, torch.Tensor]:
+    """{name: tensor} of what `trainable_parameters(model, which)` names: detached CPU copies, safetensors-ready."""
+    return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model, which).items()}
 
 
 def load_hardware_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
-    """Copy scalers saved by `hardware_state_dict` into a converted model of the same shape (in place)."""
+    """Copy a state saved by `hardware_state_dict` into a converted model of the same shape (in place).
+
+    Every scaler must be in it; any other key must name a parameter of the model.
+    """
     _require_hardware(model)
-    own = _scaler_named_parameters(model)
-    missing, unexpected = sorted(own.keys() - state.keys()), sorted(state.keys() - own.keys())
+    own = dict(model.named_parameters())
+    missing = sorted(_scaler_named_parameters(model).keys() - state.keys())
+    unexpected = sorted(state.keys() - own.keys())
     if missing or unexpected:
         raise CimattnError(
             f"hardware state does not fit this model: missing {missing[:3]}{'…' if len(missing) > 3 else ''}, "
             f"unexpected {unexpected[:3]}{'…' if len(unexpected) > 3 else ''}; was it saved from the same model?"
         )
     with torch.no_grad():
-        for key, p in own.items():
-            if state[key].shape != p.shape:
-                raise CimattnError(f"hardware state '{key}': shape {tuple(state[key].shape)}, the model has {tuple(p.shape)}")
-            p.copy_(state[key])
+        for key, value in state.items():
+            if value.shape != own[key].shape:
+                raise CimattnError(f"hardware state '{key}': shape {tuple(value.shape)}, the model has {tuple(own[key].shape)}")
+            own[key].copy_(value)
 
 
 def set_cell(model: nn.Module, cell: Literal["linear", "nonlinear"]) -> None:

