@@ -16,7 +16,14 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from cimattn.errors import CimattnError
 
@@ -162,6 +169,133 @@ def generate(
     typer.echo(prompt + generate_text(lm, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
 
 
+@app.command("lm-eval")
+def lm_eval(
+    tasks: Annotated[str, typer.Option(help="lm-eval task names, comma-separated; 'paper' = Leroux et al.'s Table 1 list (needs a network).")],
+    model: Model = "smollm2-135m",
+    preset: Annotated[str | None, typer.Option(help="Hardware preset; omit for the digital model (or the adapted directory's preset).")] = None,
+    adapted: Annotated[Path | None, typer.Option(help="A run's adapted/ directory (its preset is used unless --preset).")] = None,
+    include_path: Annotated[Path | None, typer.Option(help="Directory of extra lm-eval task YAML files (local tasks).")] = None,
+    num_fewshot: Annotated[int | None, typer.Option(min=0, help="Few-shot examples (default: each task's own).")] = None,
+    limit: Annotated[float | None, typer.Option(min=0, help="Documents per task (an integer), or a fraction below 1.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward.")] = 1,
+    max_length: Annotated[int | None, typer.Option(min=2, help="Longest context in tokens (default: the gain-cell window).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")] = "cpu",
+    out: Out = Path("runs/lm-eval"),
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """lm-eval-harness tasks on the digital or (adapted) hardware model; also `cimattn-lm-eval --model cimattn ...`."""
+    try:
+        from cimattn.eval.harness import lm_eval_run
+    except ImportError as e:
+        raise CimattnError(f"lm-eval is not installed ({e.name}): pip install 'cimattn[eval]'") from None
+
+    ui = _setup(seed, quiet)
+    if quiet:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+        os.environ["TQDM_DISABLE"] = "1"  # lm-eval's own progress bars
+    results = lm_eval_run(model=model, preset=preset, adapted=adapted, tasks=tasks, out=out, include_path=include_path,
+                          num_fewshot=num_fewshot, limit=limit if limit is None or limit < 1 else int(limit),
+                          batch_size=batch_size, max_length=max_length, device=device, seed=seed)
+    for task, row in results["metrics"]["lm_eval"].items():
+        ui.log(f"  {task:28s} " + "  ".join(f"{k} {v:.4g}" for k, v in row.items()))
+    if results["metrics"]["lm_eval_acc_mean"] is not None:
+        ui.log(f"  {'mean acc':28s} {results['metrics']['lm_eval_acc_mean']:.4f} over {results['metrics']['lm_eval_acc_tasks']} task(s)")
+    ui.log(f"results: {out / 'results.json'}")
+
+
+@app.command()
+def study(
+    name: Annotated[str, typer.Argument(help="retention | context | noise")],
+    model: Model = "smollm2-135m",
+    preset: Preset = "leroux-gaincell",
+    out: Annotated[Path | None, typer.Option(help="Study directory (study.json, study.png, study.md); default runs/study-NAME.")] = None,
+    adapted: Annotated[Path | None, typer.Option(help="Start from a run's adapted/ directory instead of adapting.")] = None,
+    budget: Annotated[float, typer.Option(min=0, help="Wall-clock seconds of each adaptation.")] = 120.0,
+    text: Text = None,
+    eval_tokens: Annotated[int, typer.Option(min=2, help="Tokens scored per point (retention, noise).")] = 1024,
+    context: Annotated[int | None, typer.Option(min=2, help="Perplexity window in tokens (default: retention 512, noise and context 256).")] = None,
+    sequences: Annotated[int, typer.Option(min=1, help="context: sequences scored.")] = 2,
+    multiple: Annotated[int, typer.Option(min=1, help="context: sequence length in windows.")] = 4,
+    bin_tokens: Annotated[int, typer.Option(min=1, help="context: positions per bin.")] = 256,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Sweep one hardware property of the adapted model: retention (τ), context (position up to 4× the window), noise."""
+    from cimattn.studies import StudySpec, run_study
+
+    ui = _setup(seed, quiet)
+    out = out or Path(f"runs/study-{name}")
+    spec = StudySpec(name=name, model=model, preset=preset, out=out, adapted=adapted, budget_s=budget, text=text,
+                     eval_tokens=eval_tokens, context=context, sequences=sequences, multiple=multiple, bin_tokens=bin_tokens, seed=seed)
+    record = run_study(spec, progress=ui.progress, log=ui.log)
+    for key, value in record["metrics"].items():
+        ui.log(f"  {key:32s} {value:.6g}" if isinstance(value, float) else f"  {key:32s} {value}")
+    ui.log(f"study: {out / 'study.md'}")
+
+
+@app.command("prune-study")
+def prune_study(
+    model: Model = "smollm2-135m",
+    out: Annotated[Path, typer.Option(help="Study directory (prune_study.json, .md, .png); a rerun resumes.")] = Path("runs/prune-study"),
+    keep_rates: Annotated[str, typer.Option(help="Target keep rates, comma-separated, each in (0, 1].")] = "0.25,0.1",
+    methods: Annotated[str, typer.Option(help="Methods, comma-separated, or 'all': oracle-topk, sprint, hyatt, quest, h2o, random, "
+                                              "sprint-relative, sprint-topk, oracle-relative, sprint-noisy.")] = "oracle-topk,sprint,hyatt,quest,h2o,random",
+    context: Annotated[int, typer.Option(min=2, help="Perplexity window and calibration length, in tokens.")] = 2048,
+    eval_tokens: EvalTokens = 2048,
+    calib_tokens: Annotated[int, typer.Option(min=2, help="Calibration tokens for the threshold rules.")] = 2048,
+    text: Text = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Keep rate vs perplexity of prune-and-recompute: analog scorers (SPRINT, HyAtt) and baselines (oracle top-k, Quest, H2O, random)."""
+    from cimattn.prune_study import METHODS, run_prune_study, study_table
+
+    ui = _setup(seed, quiet)
+    try:
+        rates = [float(r) for r in keep_rates.split(",") if r.strip()]
+    except ValueError:
+        raise CimattnError(f"--keep-rates must be numbers separated by commas, got '{keep_rates}'") from None
+    names = list(METHODS) if methods == "all" else [m.strip() for m in methods.split(",") if m.strip()]
+    record = run_prune_study(model=model, out=out, keep_rates=rates, methods=names, context=context, eval_tokens=eval_tokens,
+                             calib_tokens=calib_tokens, text=text, seed=seed, progress=ui.progress, log=ui.log)
+    typer.echo(study_table(record))
+    ui.log(f"study: {out / 'prune_study.md'}")
+
+
+@app.command()
+def explore(
+    space: Annotated[str, typer.Option(help="Design-space YAML, or a shipped space name (gaincell).")],
+    budget: Annotated[int, typer.Option(min=1, help="Real evaluations per method.")],
+    out: Annotated[Path, typer.Option(help="Study directory (study.db, summary.json, front.md, plots); a rerun resumes.")],
+    method: Annotated[str, typer.Option(help="proxy | tpe | nsga2 | random | grid | all, or a comma-separated list.")] = "all",
+    workers: Annotated[int, typer.Option(min=1, help="Evaluate in parallel on a local Ray cluster of this many CPUs.")] = 1,
+    ray_address: Annotated[str | None, typer.Option(
+        help="Join a running Ray cluster instead (HOST:6379). Several machines: `ray start --head` on one, "
+             "`ray start --address HOST:6379` on each other (same Python env and cimattn), then run explore on the head "
+             "with --ray-address auto and --workers = evaluators to run at once.")] = None,
+    batch: Annotated[int | None, typer.Option(min=1, help="Points proposed per round (default: --workers).")] = None,
+    seed: Seed = 0,
+    quiet: Quiet = False,
+    debug: Debug = False,
+):
+    """Hardware–model co-design: a MORPH-style proxy search vs random, grid, Optuna TPE and NSGA-II, same budget each."""
+    from cimattn.codesign import METHODS, load_space, run_study, summarise
+
+    ui = _setup(seed, quiet)
+    names = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
+    design = load_space(space)
+    run_study(design, out, budget, names, seed=seed, workers=workers, ray_address=ray_address, batch=batch, log=ui.log)
+    summary = summarise(design, out, names)
+    for name, row in summary["methods"].items():
+        ui.log(f"  {name:8s} hypervolume {row['final_hypervolume']:.4f} after {row['evaluations']} evaluations")
+    typer.echo((out / "front.md").read_text())
+
+
 @app.command()
 def fetch(seed: Seed = 0, quiet: Quiet = False, debug: Debug = False):
     """Put the bundled model and corpus into the cache ($CIMATTN_CACHE, default ~/.cache/cimattn)."""
@@ -172,6 +306,91 @@ def fetch(seed: Seed = 0, quiet: Quiet = False, debug: Debug = False):
     ui.log(f"corpus: {fetch_corpus()}")
     load_model("smollm2-135m")
     ui.log("model: smollm2-135m ready")
+
+
+@app.command()
+def validate(seed: Seed = 0, quiet: Quiet = False, debug: Debug = False):
+    """Published cost figures (Leroux, SPRINT, HyAtt) vs the cost model; exit code 1 when one leaves its tolerance."""
+    from cimattn.cost.validate import evaluate, format_rows
+
+    _setup(seed, quiet)
+    rows = evaluate()
+    typer.echo(format_rows(rows))
+    bad = [r["figure"] for r in rows if not r["ok"]]
+    if bad:
+        err.print(f"{len(bad)} figure(s) out of tolerance: {'; '.join(bad)}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def cost(
+    run_dir: Annotated[Path, typer.Argument(help="A run directory with results.json (from `cimattn run` or `cimattn eval`).")],
+    table: Annotated[str | None, typer.Option(help="Cost table name (leroux-gaincell, sprint, hyatt) or YAML path; default: by preset.")] = None,
+    arrays: Annotated[int | None, typer.Option(min=1, help="Gain-cell arrays on the chip (default: as many as the model needs).")] = None,
+    seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
+):
+    """Energy, latency and area per generated token of the run's model on its hardware, vs GPUs; updates results.json."""
+    from cimattn.cost.run import cost_run
+
+    ui = _setup(seed, quiet)
+    results = cost_run(run_dir, table=table, arrays_available=arrays)
+    m = results["metrics"]
+    if "energy_per_token_j" in m:
+        ui.log(f"  energy {m['energy_per_token_j']:.4g} J/token · latency {m['latency_per_token_s']:.4g} s/token · area {m['area_mm2']:.4g} mm²")
+        for note in results["cost"].get("notes", []):
+            ui.log(f"  {note}")
+    for g in m["gpu"].values():
+        ratio = f" (×{g['latency_ratio']:.3g} latency, ×{g['energy_ratio']:.3g} energy)" if "latency_ratio" in g else ""
+        ui.log(f"  {g['name']:24s} {g['latency_per_token_s']:.4g} s/token {g['energy_per_token_j']:.4g} J/token{ratio}")
+    ui.log(f"results: {Path(run_dir) / 'results.json'}")
+
+
+@app.command()
+def roofline(
+    out: Out = Path("runs/roofline"),
+    model: Model = "smollm2-135m",
+    grid: Annotated[str, typer.Option(help="'ci' (8 points, seconds) or 'full' (20 points, about a minute).")] = "full",
+    repeats: Annotated[int, typer.Option(min=3, help="Timings per point; the median is kept.")] = 21,
+    threads: Annotated[int | None, typer.Option(min=1, help="torch threads while timing (default: torch's).")] = None,
+    device: Annotated[str, typer.Option(help="cpu, or cuda where a GPU is present (fp16).")] = "cpu",
+    seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
+):
+    """Time the model's SDPA attention (prefill, decode over a KV cache) on this machine; fit the roofline on half, report held-out error."""
+    from cimattn.cost.measure import CI_GRID, FULL_GRID, run_bench
+    from cimattn.cost.run import shape_of
+
+    ui = _setup(seed, quiet)
+    if grid not in ("ci", "full"):
+        raise CimattnError(f"--grid must be 'ci' or 'full', got '{grid}'")
+    r = run_bench(shape_of(model), out, CI_GRID if grid == "ci" else FULL_GRID, repeats=repeats, seed=seed, threads=threads, device=device)
+    ui.log(f"  held-out MAPE {r['mape_heldout']:.1%} (plain roofline {r['mape_heldout_plain_roofline']:.1%}); "
+           f"largest spread between repeats {r['max_spread']:.0%}")
+    ui.log(f"results: {Path(out) / 'roofline.json'}, {Path(out) / 'roofline.png'}")
+
+
+@app.command()
+def bench(
+    out: Annotated[Path, typer.Option(help="Directory for bench.json and bench.png.")] = Path("runs/bench"),
+    model: Model = "smollm2-135m",
+    prefill: Annotated[str, typer.Option(help="Prompt lengths of the attention calls, comma-separated.")] = "512,2048",
+    decode: Annotated[str, typer.Option(help="Cached tokens of the decode calls, comma-separated.")] = "1024,4096",
+    batch: Annotated[str, typer.Option(help="Batch sizes of the attention calls, comma-separated.")] = "1,4",
+    context: Annotated[int, typer.Option(min=0, help="Context of the whole-model timing in tokens (0: skip it).")] = 1024,
+    repeats: Annotated[int, typer.Option(min=1, help="Timings per point after a warm-up; the median is kept.")] = 5,
+    full: Annotated[bool, typer.Option("--full", help="Issue 9's grid: prefill 512-8k, decode 1k-8k, batch 1-16 (long on a CPU).")] = False,
+    seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
+):
+    """Simulation speed: digital SDPA vs each hardware attention (calls and whole model), CPU and CUDA; ratios to digital."""
+    from cimattn.bench import FULL_GRID, Grid, parse_sizes, run_bench, tables
+
+    ui = _setup(seed, quiet)
+    grid = Grid(parse_sizes(prefill, "prefill"), parse_sizes(decode, "decode"), parse_sizes(batch, "batch"), context, repeats)
+    if full:
+        grid = Grid(FULL_GRID.prefill, FULL_GRID.decode, FULL_GRID.batch, context, repeats)
+    record = run_bench(model, out, grid, seed=seed, progress=ui.progress, log=ui.log)
+    for table in tables(record):
+        Console(quiet=quiet).print(table)
+    ui.log(f"results: {Path(out) / 'bench.json'}, {Path(out) / 'bench.png'}")
 
 
 @presets_app.command("list")
@@ -196,7 +415,12 @@ def presets_show(
 
 def _print_metrics(ui: _Console, results: dict, out: Path) -> None:
     for key, value in results["metrics"].items():
-        ui.log(f"  {key:28s} {value:.6g}" if isinstance(value, float) else f"  {key:28s} {value}")
+        if key == "gpu":  # one line per GPU: how many times slower and hungrier it is than the hardware
+            for g in value.values():
+                if "latency_ratio" in g:
+                    ui.log(f"  {'vs ' + g['name']:28s} ×{g['latency_ratio']:.3g} latency, ×{g['energy_ratio']:.3g} energy")
+        else:
+            ui.log(f"  {key:28s} {value:.6g}" if isinstance(value, float) else f"  {key:28s} {value}")
     ui.log(f"results: {out / 'results.json'}")
 
 

@@ -1,6 +1,6 @@
 """The stages of `cimattn run`, as plain functions over a run directory.
 
-load → baseline → convert → adapt → evaluate → report.  This is the only
+load → baseline → convert → adapt → evaluate → cost → report.  This is the only
 place that knows the stage order.  After each stage `results.json` is
 rewritten atomically, so a killed run leaves the last finished stage on
 disk.  Rerunning the same command into the same directory resumes: each
@@ -8,8 +8,7 @@ stage skips the measurements it already holds (when the spec and hardware
 are unchanged) and rebuilds only the model state later stages need, the
 adaptation resuming from its checkpoints in `DIR/adapted/`.
 
-A stage that cimattn does not have yet (the cost model) is absent from the
-results, never faked.
+A stage that cimattn does not have yet is absent from the results, never faked.
 """
 
 from __future__ import annotations
@@ -101,6 +100,7 @@ def new_results(spec: RunSpec, hardware: HardwareConfig, previous: dict | None) 
         "timings": dict(previous["timings"]) if reuse else {},
         "metrics": dict(previous["metrics"]) if reuse else {},
         "history": dict(previous.get("history", {})) if reuse else {},
+        **({"telemetry": previous["telemetry"]} if reuse and "telemetry" in previous else {}),
     }
 
 
@@ -148,11 +148,20 @@ def convert_stage(run: Run) -> str | None:
     run.metrics.update(ppl_hardware_initial=result.ppl, tokens_per_s_hardware=result.tokens_per_s)
 
 
-def adapt(run: Run) -> None:
-    from cimattn.adapt import adapt_model
+def adapt(run: Run) -> str | None:
+    from cimattn.adapt import adapt_model, checkpoint
 
     if run.hardware.attention == "digital":
         return
+    if run.hardware.attention == "prune_recompute":  # calibrate thresholds and converter ranges: no training
+        from cimattn.adapt.thresholds import adapt_thresholds
+
+        result = adapt_thresholds(run.model, run.calib_ids, run.hardware, context=run.spec.context,
+                                  checkpoint_dir=run.out / ADAPTED, teacher=run.teacher)
+        run.results["history"].update({k: result.pop(k) for k in ("learn_loss",) if k in result})
+        run.metrics.update(result)
+        return
+    finished = checkpoint.read_state(run.out / ADAPTED).get("done", False)  # then only its parameters are loaded
     history = adapt_model(
         run.model, run.teacher, run.calib_ids, run.hardware,
         budget_s=run.spec.budget_s, context=run.spec.context, checkpoint_dir=run.out / ADAPTED, seed=run.spec.seed,
@@ -160,16 +169,24 @@ def adapt(run: Run) -> None:
     )
     run.results["history"].update(history.pop("history", {}))
     run.metrics.update(history)
+    return "reused" if finished else None
 
 
 def evaluate(run: Run) -> str | None:
     if run.hardware.attention == "digital" or "ppl_hardware_adapted" in run.metrics:
         return "reused"
-    result = _perplexity(run, "adapted hardware model")
+    result = _hardware_perplexity(run, "adapted hardware model")
     run.metrics.update(
         ppl_hardware_adapted=result.ppl,
         ppl_ratio_adapted=result.ppl / run.metrics["ppl_digital"],
     )
+
+
+def cost(run: Run) -> None:
+    # analytical, milliseconds: always recomputed, so a changed table or telemetry shows up
+    from cimattn.cost.run import apply, shape_of
+
+    apply(run.results, shape_of(run.spec.model, getattr(run.model, "config", None)), run.hardware, run.spec.context, run.out)
 
 
 def report(run: Run) -> None:
@@ -184,6 +201,7 @@ STAGES: list[tuple[str, Callable[[Run], str | None]]] = [
     ("convert", convert_stage),
     ("adapt", adapt),
     ("evaluate", evaluate),
+    ("cost", cost),
     ("report", report),
 ]
 
@@ -194,6 +212,19 @@ def _perplexity(run: Run, label: str):
     n = min(run.spec.eval_tokens, run.eval_ids.numel())
     with run.progress(f"perplexity: {label}", total=n) as advance:
         return perplexity(run.model, run.eval_ids, context=run.spec.context, eval_tokens=run.spec.eval_tokens, progress=advance)
+
+
+def _hardware_perplexity(run: Run, label: str):
+    """Perplexity of the converted model; a prune-and-recompute model also records its keep rate and telemetry."""
+    if run.hardware.attention != "prune_recompute":
+        return _perplexity(run, label)
+    from cimattn.attention.prune_recompute import collect_telemetry
+
+    with collect_telemetry(run.model) as telemetry:  # keep rate and the traffic the cost model reads
+        result = _perplexity(run, label)
+    run.results["telemetry"] = telemetry.summary()
+    run.metrics["keep_rate"] = run.results["telemetry"]["keep_rate"]
+    return result
 
 
 def run_pipeline(
@@ -259,7 +290,11 @@ def to_hardware(model: torch.nn.Module, preset: str | None, adapted: Path | None
         return None
     hardware = load_preset(source)
     convert(model, hardware)
-    if adapted is not None:
+    if adapted is not None and hardware.attention == "prune_recompute":
+        from cimattn.adapt.thresholds import load_thresholds
+
+        load_thresholds(model, adapted)
+    elif adapted is not None:
         load_adapted(model, adapted)
     return hardware
 
@@ -287,7 +322,7 @@ def evaluate_models(
     _timed(run, "baseline", baseline, lambda s: None)
     if to_hardware(run.model, preset, adapted) is not None:
         key = "ppl_hardware_adapted" if adapted else "ppl_hardware_initial"
-        run.metrics[key] = _perplexity(run, key.removeprefix("ppl_").replace("_", " ")).ppl
+        run.metrics[key] = _hardware_perplexity(run, key.removeprefix("ppl_").replace("_", " ")).ppl
         run.metrics["ppl_ratio"] = run.metrics[key] / run.metrics["ppl_digital"]
     run.save()
     return run.results

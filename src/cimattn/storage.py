@@ -44,6 +44,20 @@ def _umask() -> int:
     return mask
 
 
+def save_figure(fig, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically and release it; returns `path`."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 

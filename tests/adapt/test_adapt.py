@@ -8,10 +8,20 @@ import torch
 from cimattn.adapt import adapt_model, calibration_batch, load_adapted
 from cimattn.adapt import distill as distill_module
 from cimattn.adapt.distill import distill, kl_loss, sample_windows
-from cimattn.adapt.initialize import alpha, fit_scalers, initialize, measure, teacher_targets
+from cimattn.adapt.initialize import (
+    alpha,
+    fit_scalers,
+    initialize,
+    measure,
+    teacher_targets,
+)
 from cimattn.config import load_preset
 from cimattn.models import convert, load_model
-from cimattn.models.convert import hardware_state_dict, scaler_parameters, trainable_parameters
+from cimattn.models.convert import (
+    hardware_state_dict,
+    scaler_parameters,
+    trainable_parameters,
+)
 
 SMALL = {"window_tokens": 64, "tokens_per_array": 16}
 
@@ -160,16 +170,41 @@ def test_killed_adaptation_resumes_to_the_same_parameters(tmp_path, monkeypatch)
 
 @pytest.mark.parametrize("which", ["scalers", "attention"])
 def test_layerwise_distillation_lowers_each_layers_error(which):
-    from cimattn.adapt.layerwise import capture_attention_io, train_layers
+    from cimattn.adapt.layerwise import capture_teacher, train_layers
 
     hw = hardware(lr=1e-2, train=which)
     student, teacher = pair(hw)
     batch = calibration_batch(ids(), 64, 32)
     fit_scalers(student, batch, teacher_targets(student, teacher, batch))
-    captured = capture_attention_io(teacher, batch)
-    assert sorted(captured) == [0, 1]
+    captured = capture_teacher(teacher, batch)
+    assert sorted(captured.targets) == [0, 1]
     errors = train_layers(student, captured, hw.adapt, steps_per_layer=15, progress=no_progress)
     assert len(errors) == 2 and all(last < first for first, last in errors), errors
+
+
+def test_layerwise_trains_each_layer_on_the_adapted_model_s_own_inputs(monkeypatch):
+    """Layer 1 sees the hidden state that the hardware layer 0 produces, not the teacher's."""
+    from cimattn.adapt import layerwise
+    from cimattn.models.convert import attention_modules
+
+    hw = hardware()
+    student, teacher = pair(hw)
+    batch = calibration_batch(ids(), 64, 32)
+    seen = {}
+    monkeypatch.setattr(layerwise, "_train", lambda attention, args, kwargs, *rest: seen.setdefault(attention.layer_idx, kwargs) and [0.0])
+    layerwise.train_layers(student, layerwise.capture_teacher(teacher, batch), hw.adapt, steps_per_layer=1, progress=no_progress)
+    own, teachers = {}, {}
+    for model, found in ((student, own), (teacher, teachers)):
+        def record(_, args, kwargs, found=found):
+            found[len(found)] = kwargs["hidden_states"]
+
+        hooks = [m.register_forward_pre_hook(record, with_kwargs=True) for _, m in attention_modules(model)]
+        with torch.no_grad():
+            model(batch)
+        for h in hooks:
+            h.remove()
+    assert torch.allclose(seen[1]["hidden_states"], own[1], atol=1e-5)
+    assert not torch.allclose(seen[1]["hidden_states"], teachers[1], atol=1e-3)
 
 
 def test_finished_adaptation_keeps_only_its_result(tmp_path):

@@ -11,6 +11,7 @@ from cimattn.attention import IMPLEMENTATIONS
 from cimattn.attention.gaincell import GainCellParams, gaincell_attention
 from cimattn.config import GainCell, Leakage, Noise, Quantizer, Scaler
 from cimattn.errors import CimattnError
+from cimattn.physics import max_query_block
 
 # PAPERS.md §1, Eq. 4: the ten C_ij for (i, j) = (0,0),(0,1),(0,2),(0,3),(1,0),(1,1),(1,2),(2,0),(2,1),(3,0)
 C_IJ = [0.17393044, 0.15653739, 0.14088365, 0.12679529, 5.51975209, 4.96777688, 4.4709992, -1.44776001, -1.30298401, 46.05483778]
@@ -236,6 +237,17 @@ def test_query_blocks_give_the_same_result(monkeypatch):
     whole = run(module, q, k, v)
     monkeypatch.setattr(gca, "SCORE_ELEMENTS_PER_BLOCK", 2 * 4 * 3 * 20)  # 3 queries a block
     assert torch.allclose(run(module, q, k, v), whole, atol=1e-12)
+
+
+def test_fast_leakage_splits_queries_into_finite_blocks():
+    """τ of a quarter token step (silicon-like extreme): queries go in blocks of max_query_block, still exact."""
+    cfg = physics(leakage=Leakage(tau_s=2e-7, step_time_s=8e-7))  # decay e^-4 per token
+    assert max_query_block(cfg) == 5
+    module = make_module(cfg)
+    q, k, v = inputs(t=20, s=20)
+    out = run(module, q, k, v)
+    assert torch.isfinite(out).all()
+    assert torch.allclose(out, reference(module, q, k, v), atol=1e-10)
 
 
 def test_read_noise_is_seeded_and_fresh_per_read():

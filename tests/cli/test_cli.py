@@ -8,32 +8,20 @@ import pytest
 from cimattn.cli import main
 
 
-def cli(monkeypatch, capsys, *args):
-    """Run `cimattn ARGS` in-process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(sys, "argv", ["cimattn", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as e:
-        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
 @pytest.mark.parametrize("command", [[], ["run"], ["adapt"], ["eval"], ["generate"], ["presets"], ["presets", "show"], ["fetch"]])
-def test_help(monkeypatch, capsys, command):
-    code, out, _ = cli(monkeypatch, capsys, *command, "--help")
+def test_help(cli, monkeypatch, capsys, command):
+    code, out, _ = cli(*command, "--help")
     assert code == 0 and "Usage" in out
 
 
-def test_presets_show_round_trips(monkeypatch, capsys, tmp_path):
-    code, out, _ = cli(monkeypatch, capsys, "presets", "show", "leroux-gaincell")
+def test_presets_show_round_trips(cli, monkeypatch, capsys, tmp_path):
+    code, out, _ = cli("presets", "show", "leroux-gaincell")
     assert code == 0
     path = tmp_path / "mine.yaml"
     path.write_text(out)
-    code, again, _ = cli(monkeypatch, capsys, "presets", "show", path)
+    code, again, _ = cli("presets", "show", path)
     assert code == 0 and again == out
-    code, listing, _ = cli(monkeypatch, capsys, "presets", "list")
+    code, listing, _ = cli("presets", "list")
     assert "leroux-gaincell" in listing and "digital" in listing
 
 
@@ -66,9 +54,9 @@ def _bad_inputs(tmp_path):
     "missing text file", "malformed yaml", "unknown preset key", "value out of range", "unknown preset",
     "unknown model", "empty text", "context above the model's", "context above the window",
 ])
-def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, case):
+def test_bad_input_is_one_line_and_exit_2(cli, monkeypatch, capsys, tmp_path, case):
     args, needle = _bad_inputs(tmp_path)[case]
-    code, _, err = cli(monkeypatch, capsys, *args)
+    code, _, err = cli(*args)
     assert code == 2, err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), err
@@ -76,7 +64,7 @@ def test_bad_input_is_one_line_and_exit_2(monkeypatch, capsys, tmp_path, case):
     assert "Traceback" not in err
 
 
-def test_debug_shows_the_traceback(monkeypatch, capsys):
+def test_debug_shows_the_traceback(cli, monkeypatch, capsys):
     from cimattn.errors import CimattnError
 
     monkeypatch.setattr(sys, "argv", ["cimattn", "presets", "show", "no-such-preset", "--debug"])
@@ -84,9 +72,9 @@ def test_debug_shows_the_traceback(monkeypatch, capsys):
         main()
 
 
-def test_run_digital_tiny_writes_results(monkeypatch, capsys, tmp_path, tiny_text):
+def test_run_digital_tiny_writes_results(cli, monkeypatch, capsys, tmp_path, tiny_text):
     out = tmp_path / "run"
-    code, _, err = cli(monkeypatch, capsys, "run", "--model", "tiny-llama", "--preset", "digital", "--out", out,
+    code, _, err = cli("run", "--model", "tiny-llama", "--preset", "digital", "--out", out,
                        "--text", tiny_text, "--eval-tokens", 256, "--context", 64, "--quiet")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
@@ -101,7 +89,7 @@ def test_run_digital_tiny_writes_results(monkeypatch, capsys, tmp_path, tiny_tex
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
-def test_gaincell_run_then_eval_and_generate_the_adapted_model(monkeypatch, capsys, tmp_path, tiny_text, model):
+def test_gaincell_run_then_eval_and_generate_the_adapted_model(cli, monkeypatch, capsys, tmp_path, tiny_text, model):
     preset = tmp_path / "tiny-gaincell.yaml"
     preset.write_text(
         "attention: gaincell\ngaincell: {window_tokens: 64, tokens_per_array: 16}\n"
@@ -109,7 +97,7 @@ def test_gaincell_run_then_eval_and_generate_the_adapted_model(monkeypatch, caps
     )
     out = tmp_path / "run"
     common = ["--model", model, "--text", tiny_text, "--eval-tokens", 256, "--context", 64, "--quiet"]
-    code, _, err = cli(monkeypatch, capsys, "run", *common, "--preset", preset, "--out", out)
+    code, _, err = cli("run", *common, "--preset", preset, "--out", out)
     assert code == 0, err
     m = json.loads((out / "results.json").read_text())["metrics"]
     for key in ("ppl_digital", "ppl_hardware_initial", "ppl_linear_adapted", "ppl_hardware_initialized",
@@ -118,31 +106,31 @@ def test_gaincell_run_then_eval_and_generate_the_adapted_model(monkeypatch, caps
     assert (out / "adapted" / "hardware.safetensors").is_file() and (out / "adaptation.png").is_file()
 
     # the saved parameters reproduce the run's adapted perplexity
-    code, _, err = cli(monkeypatch, capsys, "eval", *common, "--adapted", out / "adapted", "--out", tmp_path / "eval")
+    code, _, err = cli("eval", *common, "--adapted", out / "adapted", "--out", tmp_path / "eval")
     assert code == 0, err
     again = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
     assert again["ppl_hardware_adapted"] == pytest.approx(m["ppl_hardware_adapted"], rel=1e-6)
 
     # rerunning the same command resumes: nothing is recomputed, the numbers stay
-    code, _, err = cli(monkeypatch, capsys, "run", *common, "--preset", preset, "--out", out)
+    code, _, err = cli("run", *common, "--preset", preset, "--out", out)
     assert code == 0, err
     assert json.loads((out / "results.json").read_text())["metrics"] == m
 
-    code, text, err = cli(monkeypatch, capsys, "generate", "To be", "--model", model, "--adapted", out / "adapted",
+    code, text, err = cli("generate", "To be", "--model", model, "--adapted", out / "adapted",
                           "--max-new-tokens", 8, "--quiet")
     assert code == 0, err
     assert text.startswith("To be") and len(text.strip()) > len("To be")
 
 
-def test_unsupported_architecture_is_one_line(monkeypatch, capsys, tmp_path):
+def test_unsupported_architecture_is_one_line(cli, monkeypatch, capsys, tmp_path):
     from transformers import LlamaForCausalLM
 
     monkeypatch.setattr(LlamaForCausalLM, "_supports_attention_backend", False)
-    code, _, err = cli(monkeypatch, capsys, "eval", "--model", "tiny-llama", "--out", tmp_path / "r")
+    code, _, err = cli("eval", "--model", "tiny-llama", "--out", tmp_path / "r")
     assert code == 2 and "AttentionInterface" in err and len(err.strip().splitlines()) == 1
 
 
-def test_ctrl_c_leaves_finished_stages_and_no_partial_file(monkeypatch, capsys, tmp_path, tiny_text):
+def test_ctrl_c_leaves_finished_stages_and_no_partial_file(cli, monkeypatch, capsys, tmp_path, tiny_text):
     from cimattn import pipeline
 
     def interrupted(run):
@@ -150,7 +138,7 @@ def test_ctrl_c_leaves_finished_stages_and_no_partial_file(monkeypatch, capsys, 
 
     monkeypatch.setattr(pipeline, "STAGES", [pipeline.STAGES[0], ("convert", interrupted), *pipeline.STAGES[2:]])
     out = tmp_path / "run"
-    code, _, _ = cli(monkeypatch, capsys, "run", "--model", "tiny-llama", "--preset", "digital", "--out", out,
+    code, _, _ = cli("run", "--model", "tiny-llama", "--preset", "digital", "--out", out,
                      "--text", tiny_text, "--eval-tokens", 128, "--context", 64, "--quiet")
     assert code != 0
     results = json.loads((out / "results.json").read_text())  # complete JSON, with the finished stage
@@ -158,12 +146,12 @@ def test_ctrl_c_leaves_finished_stages_and_no_partial_file(monkeypatch, capsys, 
     assert not list(out.glob(".*.tmp"))
 
 
-def test_adapt_command_writes_adapted_parameters(monkeypatch, capsys, tmp_path, tiny_text):
+def test_adapt_command_writes_adapted_parameters(cli, monkeypatch, capsys, tmp_path, tiny_text):
     preset = tmp_path / "tiny-gaincell.yaml"
     preset.write_text("attention: gaincell\ngaincell: {window_tokens: 64, tokens_per_array: 16}\n"
                       "adapt: {calib_tokens: 128, init_iterations: 3, finetune_steps: 1}\n")
     out = tmp_path / "a"
-    code, _, err = cli(monkeypatch, capsys, "adapt", "--model", "tiny-llama", "--preset", preset, "--out", out,
+    code, _, err = cli("adapt", "--model", "tiny-llama", "--preset", preset, "--out", out,
                        "--text", tiny_text, "--eval-tokens", 128, "--context", 32, "--quiet")
     assert code == 0, err
     metrics = json.loads((out / "results.json").read_text())["metrics"]

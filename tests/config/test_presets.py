@@ -2,7 +2,13 @@
 
 import pytest
 
-from cimattn.config import GainCell, HardwareConfig, list_presets, load_preset, preset_yaml
+from cimattn.config import (
+    GainCell,
+    HardwareConfig,
+    list_presets,
+    load_preset,
+    preset_yaml,
+)
 from cimattn.config.schema import LEROUX_CELL_COEFFICIENTS
 from cimattn.errors import CimattnError
 

@@ -9,8 +9,16 @@ import types
 import pytest
 import torch
 
-from cimattn.data import corpus
-from cimattn.data import EVAL_WORKS, corpus_text, corpus_works, fetch_corpus, load_text, strip_gutenberg, tokenize_cached
+from cimattn.data import (
+    EVAL_WORKS,
+    corpus,
+    corpus_text,
+    corpus_works,
+    fetch_corpus,
+    load_text,
+    strip_gutenberg,
+    tokenize_cached,
+)
 from cimattn.errors import CimattnError
 from cimattn.models.loading import byte_tokenizer
 

@@ -7,11 +7,13 @@ import torch
 
 from cimattn.config import GainCell, Leakage, Noise, Quantizer
 from cimattn.physics import (
+    Decay,
     cell,
     cell_scores,
     cell_weighted_sum,
     hard_sigmoid,
     leakage_decay,
+    max_query_block,
     quantize,
     read_noise,
     tile_readout,
@@ -127,9 +129,23 @@ def test_leakage_multiplies_the_ith_term_by_decay_to_the_i():
 
 def test_leakage_decay_per_token():
     """exp(−1.6e-4 · age) with τ = 5 ms and 0.8 µs per token; no decay without τ."""
-    age = torch.tensor([0, 1, 100, 1000])
-    assert leakage_decay(age, GainCell()).tolist() == pytest.approx([math.exp(-1.6e-4 * a) for a in (0, 1, 100, 1000)], rel=1e-6)
-    assert leakage_decay(age, GainCell(leakage=Leakage(tau_s=None))) is None
+    queries, keys = torch.tensor([1000, 1001]), torch.tensor([0, 900, 1000])
+    decay = leakage_decay(queries, keys, GainCell())
+    expected = [[math.exp(-1.6e-4 * (t - s)) for s in (0, 900, 1000)] for t in (1000, 1001)]
+    assert decay.dense().tolist() == [pytest.approx(row, rel=1e-6) for row in expected]
+    assert leakage_decay(queries, keys, GainCell(leakage=Leakage(tau_s=None))) is None
+
+
+def test_fast_leakage_stays_finite_within_a_query_block():
+    """τ = 1 µs (silicon-like): the factors of a block of max_query_block queries stay finite; old keys → 0."""
+    cfg = GainCell(leakage=Leakage(tau_s=1e-6))  # 0.8 decay-lengths per token
+    block = max_query_block(cfg)
+    queries, keys = torch.arange(2000, 2000 + block), torch.arange(0, 2000 + block)
+    dense = leakage_decay(queries, keys, cfg).dense()
+    assert torch.isfinite(dense).all()
+    past = keys[None, :] <= queries[:, None]
+    age = (queries[:, None] - keys[None, :]).float()
+    assert torch.allclose(dense[past], torch.exp(-cfg.leakage.rate_per_token * age)[past], rtol=1e-5, atol=1e-30)
 
 
 def test_surrogate_gradient_is_the_linear_cells_gradient():
@@ -161,13 +177,15 @@ def test_matrix_forms_sum_the_elementwise_cell(kind):
     torch.manual_seed(0)
     cfg = GainCell(cell=kind)
     q, k = torch.rand(2, 3, 5, dtype=torch.float64), torch.rand(2, 4, 5, dtype=torch.float64) * 0.9
-    decay, gain = torch.rand(3, 4, dtype=torch.float64), 1 + 0.1 * torch.randn(2, 4, 5, dtype=torch.float64)
+    decay = Decay(torch.rand(3, 1, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64))
+    gain = 1 + 0.1 * torch.randn(2, 4, 5, dtype=torch.float64)
     scores = cell_scores(q, k, cfg, decay, gain=gain)
-    ref = (cell(q[:, :, None, :], k[:, None], cfg, decay[None, :, :, None]) * gain[:, None]).sum(-1)  # (2, T, S)
+    dense = decay.dense()  # (T, S)
+    ref = (cell(q[:, :, None, :], k[:, None], cfg, dense[None, :, :, None]) * gain[:, None]).sum(-1)  # (2, T, S)
     assert torch.allclose(scores, ref, atol=1e-12)
     a, v = torch.rand(2, 3, 4, dtype=torch.float64), torch.rand(2, 4, 5, dtype=torch.float64) * 0.9
     out = cell_weighted_sum(a, v, cfg, decay, gain=gain)
-    ref = (cell(a[..., None], v[:, None], cfg, decay[None, :, :, None]) * gain[:, None]).sum(-2)  # (2, T, D)
+    ref = (cell(a[..., None], v[:, None], cfg, dense[None, :, :, None]) * gain[:, None]).sum(-2)  # (2, T, D)
     assert torch.allclose(out, ref, atol=1e-12)
 
 
@@ -227,7 +245,7 @@ def test_matrix_forms_use_the_linear_cells_gradient_and_the_polynomials_value(fo
     fn = cell_scores if form == "scores" else cell_weighted_sum
     x = torch.rand(2, 3, 5 if form == "scores" else 4, dtype=torch.float64)  # q (B, T, D) or A (B, T, S)
     y = torch.rand(2, 4, 5, dtype=torch.float64) * 0.9  # stored k or v (B, S, D)
-    decay = torch.rand(3, 4, dtype=torch.float64)
+    decay = Decay(torch.rand(3, 1, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64))
 
     def value_and_grads(cfg, grad=True):
         xs, ys = x.clone().requires_grad_(grad), y.clone().requires_grad_(grad)

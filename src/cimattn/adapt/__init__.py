@@ -8,8 +8,9 @@ Stages, each resumable from the adapted directory:
             become the targets of the next stage.
   init      the *nonlinear* model: the initialization algorithm moves every
             scaler until its statistics match the linear model's (step 2).
-  layerwise each attention layer trained alone to reproduce the teacher's
-            attention output from the teacher's inputs (ours, cheap).
+  layerwise each attention layer in turn trained alone to reproduce the
+            teacher's attention output from the input the adapted layers
+            before it produce (ours, cheap: no logits, one layer per step).
   finetune  end-to-end distillation fine-tuning (the paper's step 3).
 A preset whose cell is linear skips the linear fine-tuning and `init`.
 """
@@ -22,11 +23,20 @@ from pathlib import Path
 
 import torch
 
-from cimattn.adapt import checkpoint
-from cimattn.adapt import distill, layerwise
-from cimattn.adapt.initialize import fit_scalers, initialize, measure_targets, teacher_targets
+from cimattn.adapt import checkpoint, distill, layerwise
+from cimattn.adapt.initialize import (
+    fit_scalers,
+    initialize,
+    measure_targets,
+    teacher_targets,
+)
 from cimattn.config import HardwareConfig, load_preset
-from cimattn.models.convert import hardware_state_dict, load_hardware_state, set_cell, trainable_parameters
+from cimattn.models.convert import (
+    hardware_state_dict,
+    load_hardware_state,
+    set_cell,
+    trainable_parameters,
+)
 
 # Shares of the wall-clock budget left when each stage starts:
 LINEAR_BUDGET_SHARE = 0.15  # fine-tuning the linear model (the paper's step 1)
@@ -115,12 +125,12 @@ def adapt_model(
                               deadline=deadline(), progress=advance)
         state = finish("init", "nonlinear", init_error=init, ppl_hardware_initialized=measured("initialization algorithm"))
     if not state.get("layerwise"):
-        captured = layerwise.capture_attention_io(teacher, batch)
+        captured = layerwise.capture_teacher(teacher, batch)
         steps = state.get("layerwise_steps")
         if steps is None:  # planned once, so a resumed run trains as many steps
             budget = remaining(LAYERWISE_BUDGET_SHARE)
             per_step = layerwise.time_one_step(model, captured, recipe) if budget else 1.0
-            steps = recipe.layerwise_steps if budget is None else int(budget / len(captured) / per_step)
+            steps = recipe.layerwise_steps if budget is None else int(budget / len(captured.targets) / per_step)
             state = checkpoint.update_state(checkpoint_dir, layerwise_steps=steps)
         errors = layerwise.train_layers(model, captured, recipe, steps_per_layer=steps, progress=progress)
         entries = {"layerwise_error": [last for _, last in errors], "ppl_hardware_layerwise": measured("layer-wise distillation")} if errors else {}

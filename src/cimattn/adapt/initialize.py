@@ -32,7 +32,12 @@ import time
 import torch
 
 from cimattn.attention.gaincell import Moments
-from cimattn.models.convert import SCALERS, attention_modules, recorded_stats, scaler_parameters
+from cimattn.models.convert import (
+    SCALERS,
+    attention_modules,
+    recorded_stats,
+    scaler_parameters,
+)
 
 Targets = dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]  # (layer, scaler) → (μ*, σ*) per head
 ALPHA_START, ALPHA_END, ALPHA_STEPS = 1.0, 0.1, 50  # the paper's step-size schedule

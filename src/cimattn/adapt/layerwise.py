@@ -1,43 +1,95 @@
 """Layer-wise distillation on cached teacher activations (ours; cheap on a CPU).
 
-One teacher forward records, for every attention module, its inputs and its
-output.  Each hardware attention module is then trained alone to map the
-teacher's inputs to the teacher's output (MSE normalised by the output's
-variance): no MLPs, no other layers, no logits, so a step costs one
-attention layer instead of the whole model.  Errors that compound across
-layers are left to the end-to-end fine-tuning that follows.
+One teacher forward records every attention module's output and every
+decoder layer's inputs.  The hardware model is then walked layer by layer:
+each attention module is trained alone (MSE normalised by the target's
+variance) to map *its own* inputs — the hidden state that the adapted
+layers before it produce — to the teacher's attention output, and the
+trained decoder layer then produces the next layer's input.  So each layer
+also learns to undo the drift of the layers before it, while a step costs
+one attention layer: no logits, no backward through other layers.
 """
 
 from __future__ import annotations
 
+import copy
 import time
+from typing import NamedTuple
 
 import torch
 
 from cimattn.config import Adapt
-from cimattn.models.convert import attention_modules
+from cimattn.models.convert import decoder_layers
 
-Captured = dict[int, tuple[tuple, dict, torch.Tensor]]  # layer → (args, kwargs, output)
+CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+Call = tuple[tuple, dict]  # positional and keyword arguments of a module call
+
+
+class Captured(NamedTuple):
+    """What the teacher showed on the calibration batch."""
+
+    hidden: torch.Tensor  # input hidden state of the first decoder layer
+    layer_calls: dict[int, Call]  # decoder layer → its other arguments (mask, position embeddings…)
+    targets: dict[int, torch.Tensor]  # attention module → its output
+
+
+def _without_cache(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in CACHE_KWARGS} | {"use_cache": False}
 
 
 @torch.no_grad()
-def capture_attention_io(teacher: torch.nn.Module, batch: torch.Tensor) -> Captured:
-    """Inputs and outputs of every attention module of `teacher` on `batch` (no cache)."""
-    captured: Captured = {}
+def capture_teacher(teacher: torch.nn.Module, batch: torch.Tensor) -> Captured:
+    """The first decoder layer's input, every decoder layer's other arguments and every attention output."""
+    hidden: dict[int, torch.Tensor] = {}
+    calls: dict[int, Call] = {}
+    targets: dict[int, torch.Tensor] = {}
     hooks = []
-    for layer, module in attention_modules(teacher):
+    for layer, block, attention in decoder_layers(teacher):
 
-        def hook(_, args, kwargs, output, layer=layer):
-            kwargs = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
-            captured[layer] = (args, kwargs | {"use_cache": False}, output[0].detach())
+        def before_block(_, args, kwargs, layer=layer):
+            hidden[layer] = args[0] if args else kwargs["hidden_states"]
+            calls[layer] = (args[1:], _without_cache({k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
-        hooks.append(module.register_forward_hook(hook, with_kwargs=True))
+        def after_attention(_, args, output, layer=layer):
+            targets[layer] = output[0].detach()
+
+        hooks.append(block.register_forward_pre_hook(before_block, with_kwargs=True))
+        hooks.append(attention.register_forward_hook(after_attention))
     try:
         teacher(batch, use_cache=False)
     finally:
         for h in hooks:
             h.remove()
-    return captured
+    return Captured(hidden[min(hidden)].detach(), calls, targets)
+
+
+class _Captured(Exception):
+    """Raised by a hook once it has what it needs: the rest of the forward is not computed."""
+
+
+@torch.no_grad()
+def attention_inputs(block: torch.nn.Module, attention: torch.nn.Module, hidden: torch.Tensor, call: Call) -> Call:
+    """The arguments `block` passes its attention module when its input is `hidden`."""
+    found: dict[str, Call] = {}
+
+    def hook(_, args, kwargs):
+        found["call"] = (args, _without_cache(kwargs))
+        raise _Captured
+
+    handle = attention.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        block(hidden, *call[0], **call[1])
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    return found["call"]
+
+
+@torch.no_grad()
+def block_output(block: torch.nn.Module, hidden: torch.Tensor, call: Call) -> torch.Tensor:
+    out = block(hidden, *call[0], **call[1])
+    return out[0] if isinstance(out, tuple) else out
 
 
 def layer_parameters(module: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
@@ -59,36 +111,43 @@ def train_layers(
     steps_per_layer: int,
     progress,
 ) -> list[tuple[float, float]]:
-    """Train each attention layer of `model` for `steps_per_layer`; returns (first, last) loss per layer."""
+    """Train each attention layer of `model`, in order, for `steps_per_layer`; returns (first, last) loss per layer."""
     result = []
-    modules = dict(attention_modules(model))
-    with progress("layer-wise distillation", total=len(captured) * steps_per_layer) as advance:
-        for layer, (args, kwargs, target) in sorted(captured.items()):
-            module = modules[layer]
-            params = layer_parameters(module, recipe.train)
-            optimizer = torch.optim.AdamW(params, lr=recipe.layerwise_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
-            module.train()
-            losses = []
-            for _ in range(steps_per_layer):
-                loss = normalised_mse(module(*args, **kwargs)[0], target)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(loss.item())
-                advance(1)
-            module.eval()
-            if losses:
+    hidden = captured.hidden
+    layers = decoder_layers(model)
+    with progress("layer-wise distillation", total=len(layers) * steps_per_layer) as advance:
+        for layer, block, attention in layers:
+            call = captured.layer_calls[layer]
+            if steps_per_layer:
+                args, kwargs = attention_inputs(block, attention, hidden, call)
+                losses = _train(attention, args, kwargs, captured.targets[layer], recipe, steps_per_layer, advance)
                 result.append((losses[0], losses[-1]))
+            hidden = block_output(block, hidden, call)
     return result
+
+
+def _train(attention, args, kwargs, target, recipe: Adapt, steps: int, advance) -> list[float]:
+    params = layer_parameters(attention, recipe.train)
+    optimizer = torch.optim.AdamW(params, lr=recipe.layerwise_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    attention.train()
+    losses = []
+    for _ in range(steps):
+        loss = normalised_mse(attention(*args, **kwargs)[0], target)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        advance(1)
+    attention.eval()
+    return losses
 
 
 def time_one_step(model: torch.nn.Module, captured: Captured, recipe: Adapt) -> float:
     """Seconds of one training step of the first layer, on a copy (the model is untouched)."""
-    import copy
-
-    layer, (args, kwargs, target) = min(captured.items())
-    module = copy.deepcopy(dict(attention_modules(model))[layer])
+    layer, block, attention = decoder_layers(model)[0]
+    args, kwargs = attention_inputs(block, attention, captured.hidden, captured.layer_calls[layer])
+    attention = copy.deepcopy(attention)
     t0 = time.perf_counter()
-    normalised_mse(module(*args, **kwargs)[0], target).backward()
+    normalised_mse(attention(*args, **kwargs)[0], captured.targets[layer]).backward()
     return time.perf_counter() - t0

@@ -16,6 +16,7 @@ from transformers.masking_utils import AttentionMaskInterface
 from cimattn.attention.common import boolean_mask
 from cimattn.attention.digital import digital_attention
 from cimattn.attention.gaincell import gaincell_attention
+from cimattn.attention.prune_recompute import prune_recompute_attention
 
 # family (the preset's `attention` field) → registered implementation name
 IMPLEMENTATIONS: dict[str, str] = {}
@@ -31,5 +32,6 @@ def register(family: str, function: Callable) -> str:
 
 register("digital", digital_attention)
 register("gaincell", gaincell_attention)
+register("prune_recompute", prune_recompute_attention)
 
-__all__ = ["IMPLEMENTATIONS", "digital_attention", "gaincell_attention", "register"]
+__all__ = ["IMPLEMENTATIONS", "digital_attention", "gaincell_attention", "prune_recompute_attention", "register"]

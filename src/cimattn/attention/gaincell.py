@@ -69,15 +69,26 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cimattn import kernels
 from cimattn.attention.common import keep_mask
 from cimattn.config.schema import GainCell, Scaler
 from cimattn.errors import CimattnError
-from cimattn.physics.gaincell import cell_scores, cell_weighted_sum, hard_sigmoid, leakage_decay, tile_readout, variability_gain
+from cimattn.physics.gaincell import (
+    Decay,
+    cell_scores,
+    cell_weighted_sum,
+    hard_sigmoid,
+    leakage_decay,
+    max_query_block,
+    tile_readout,
+    variability_gain,
+)
 from cimattn.physics.quantize import quantize
 
 SCALERS = ("q", "k", "v", "out")
 MIN_GAIN = 1e-6  # a is clamped to at least this: the scalers' gain stays positive (PAPERS.md §1)
 SCORE_ELEMENTS_PER_BLOCK = 1 << 24  # queries are processed in blocks whose (B, H, T, S) scores stay below this
+QUERY_BLOCK = 128  # and of at most this many queries: a block reads only the keys up to its last query (causal work ≈ half)
 _VARIABILITY_STREAM, _READ_STREAM = 1, 2  # seed streams, so the chip and its reads draw independent numbers
 
 
@@ -198,8 +209,7 @@ def gaincell_attention(
     cim = _params_of(module)
     cfg = cim.config
     _check_inputs(query, key, value, cim)
-    b, h, t, d = query.shape
-    s = key.shape[-2]
+    b, t, s = query.shape[0], query.shape[-2], key.shape[-2]
     offsets = _ring_offsets(position_ids, b, s, t, query.device)  # (B,) cache index − ring position
     if cfg.context_policy == "error" and s - int(offsets.min()) > cfg.window_tokens:
         raise CimattnError(
@@ -211,14 +221,26 @@ def gaincell_attention(
     k = quantize(cim.scale("k", key.to(dtype)), cfg.k)  # (B, Hkv, S, D) stored voltages
     v = quantize(cim.scale("v", value.to(dtype)), cfg.v)
     keep = keep_mask(attention_mask, query, key, cfg.window_tokens)  # (B or 1, 1, T, S)
+    if q.is_cuda and kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets) is None:
+        summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell).to(dtype)  # the fused Triton forward
+    else:
+        summed = _attend_blocks(cim, q, k, v, keep, offsets)
+    out = cim.scale("out", summed)  # (B, H, T, D)
+    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+
+
+def _attend_blocks(cim: GainCellParams, q, k, v, keep, offsets) -> torch.Tensor:
+    """The torch path: queries in blocks (causal work only, bounded memory) → (B, H, T, D) before the output scaler."""
+    cfg = cim.config
+    b, h, t, _ = q.shape
+    s = k.shape[-2]
     span = min(s, cfg.window_tokens + cfg.tokens_per_array + t)  # most keys a block of queries can see
-    block = max(1, min(t, SCORE_ELEMENTS_PER_BLOCK // (b * h * span)))
+    block = min(t, QUERY_BLOCK, max_query_block(cfg) or t, max(1, SCORE_ELEMENTS_PER_BLOCK // (b * h * span)))
     outs = [
         _attend_block(cim, q[:, :, lo : lo + block], k, v, keep[:, :, lo : lo + block], s - t + lo, offsets)
         for lo in range(0, t, block)
     ]
-    out = cim.scale("out", torch.cat(outs, dim=2))  # (B, H, T, D)
-    return out.to(query.dtype).transpose(1, 2).contiguous(), None
+    return torch.cat(outs, dim=2)
 
 
 def _params_of(module: nn.Module) -> GainCellParams:
@@ -280,14 +302,14 @@ def _attend_block(
     k, v, keep = k[:, :, k_lo:k_hi], v[:, :, k_lo:k_hi], keep[..., k_lo:k_hi]
     q_idx = torch.arange(q_start, q_start + tb, device=q.device)
     k_idx = torch.arange(k_lo, k_hi, device=q.device)
-    decay = leakage_decay(q_idx[:, None] - k_idx[None, :], cfg, q.dtype)  # (Tb, Sb) or None: age = index difference
+    decay = leakage_decay(q_idx, k_idx, cfg, q.dtype)  # factors (Tb, 1), (Sb, 1) or None: age = index difference
     ring = k_idx[None, :] - offsets[:, None]  # (B, Sb) ring position of each stored token
     k_gain = None if cim.k_gain is None else cim.k_gain[:, ring % w].transpose(0, 1).to(q.dtype)  # (B, Hkv, Sb, D)
     v_gain = None if cim.v_gain is None else cim.v_gain[:, ring % w].transpose(0, 1).to(q.dtype)  # (B, Hkv, Sb, C)
 
     # the query heads of a group drive the same K array: fold them into the token axis
     qg = q.reshape(b, hkv, groups * tb, d)  # (B, Hkv, G·Tb, D)
-    decay_g = None if decay is None else decay.repeat(groups, 1)  # (G·Tb, Sb)
+    decay_g = None if decay is None else Decay(decay.query.repeat(groups, 1), decay.key)  # (G·Tb, 1), (Sb, 1)
     gen = cim.generator(q.device)
     scores = cell_scores(qg, k, cfg, decay_g, kind=cim.cell, gain=k_gain)  # (B, Hkv, G·Tb, Sb)
     sb = scores.shape[-1]
@@ -308,7 +330,7 @@ def _tile_readouts(
     cim: GainCellParams,
     a: torch.Tensor,
     v: torch.Tensor,
-    decay: torch.Tensor | None,
+    decay: Decay | None,
     v_gain: torch.Tensor | None,
     keep: torch.Tensor,
     ring: torch.Tensor,
@@ -329,13 +351,14 @@ def _tile_readouts(
     tb, c = keep.shape[-2], v.shape[-1]
     lead = ring[:, 0] % tpa  # (B,) keys to prepend so each sequence's rows start on a tile row
     rows = -(-(sb + int(lead.max())) // tpa)
+    key_decay = None if decay is None else decay.key[:, 0]  # (Sb,)
     if bool((lead == lead[0]).all()):  # one alignment for the whole batch: pad (a view when already aligned)
-        a, v, keep, decay, v_gain = _shift_keys_uniform(a, v, keep, decay, v_gain, int(lead[0]), rows * tpa)
+        a, v, keep, key_decay, v_gain = _shift_keys_uniform(a, v, keep, key_decay, v_gain, int(lead[0]), rows * tpa)
     else:
-        a, v, keep, decay, v_gain = _shift_keys_per_sequence(a, v, keep, decay, v_gain, lead, rows * tpa)
+        a, v, keep, key_decay, v_gain = _shift_keys_per_sequence(a, v, keep, key_decay, v_gain, lead, rows * tpa)
     a_rows = a.view(b, hkv, gt, rows, tpa).transpose(2, 3).contiguous()  # (B, Hkv, R, G·Tb, tpa): one copy, not one per term
     v_rows = v.reshape(b, hkv, rows, tpa, c)  # (B, Hkv, R, tpa, C)
-    d_rows = None if decay is None else decay.view(-1, gt, rows, tpa).transpose(1, 2)[:, None]  # (B or 1, 1, R, G·Tb, tpa)
+    d_rows = None if decay is None else Decay(decay.query, key_decay.view(-1, 1, rows, tpa, 1))  # (G·Tb, 1), (B or 1, 1, R, tpa, 1)
     g_rows = None if v_gain is None else v_gain.view(b, hkv, rows, tpa, c)  # (B, Hkv, R, tpa, C)
     partial = cell_weighted_sum(a_rows, v_rows, cfg, d_rows, kind=cim.cell, gain=g_rows)  # (B, Hkv, R, G·Tb, C)
 
@@ -350,20 +373,20 @@ def _tile_readouts(
     return (tile_readout(per_tile, cfg, gen, active=seen) * seen).sum(dim=2)
 
 
-def _shift_keys_uniform(a, v, keep, decay, v_gain, lead: int, length: int):
+def _shift_keys_uniform(a, v, keep, key_decay, v_gain, lead: int, length: int):
     """Prepend `lead` empty keys and append empty ones up to `length` (A = 0 there: no charge)."""
     tail = length - lead - a.shape[-1]
     if lead == 0 and tail == 0:
-        return a, v, keep, None if decay is None else decay[None], v_gain
+        return a, v, keep, key_decay, v_gain
     a = F.pad(a, (lead, tail))  # (B, Hkv, G·Tb, L)
     v = F.pad(v, (0, 0, lead, tail))  # (B, Hkv, L, C)
     keep = F.pad(keep, (lead, tail))  # (B or 1, 1, Tb, L)
-    decay = None if decay is None else F.pad(decay, (lead, tail))[None]  # (1, G·Tb, L)
+    key_decay = None if key_decay is None else F.pad(key_decay, (lead, tail), value=1.0)  # (L,)
     v_gain = None if v_gain is None else F.pad(v_gain, (0, 0, lead, tail), value=1.0)
-    return a, v, keep, decay, v_gain
+    return a, v, keep, key_decay, v_gain
 
 
-def _shift_keys_per_sequence(a, v, keep, decay, v_gain, lead: torch.Tensor, length: int):
+def _shift_keys_per_sequence(a, v, keep, key_decay, v_gain, lead: torch.Tensor, length: int):
     """As `_shift_keys_uniform`, with one `lead` per sequence (left padding of different lengths)."""
     b, hkv, gt, sb = a.shape
     tb, c = keep.shape[-2], v.shape[-1]
@@ -374,9 +397,9 @@ def _shift_keys_per_sequence(a, v, keep, decay, v_gain, lead: torch.Tensor, leng
     a = torch.where(valid[:, None, None], a.gather(-1, src[:, None, None].expand(b, hkv, gt, -1)), zero)  # (B, Hkv, G·Tb, L)
     v = v.gather(-2, src[:, None, :, None].expand(b, hkv, -1, c))  # (B, Hkv, L, C); A = 0 where not valid
     keep = keep.expand(b, -1, -1, -1).gather(-1, src[:, None, None].expand(b, 1, tb, -1)) & valid[:, None, None]
-    decay = None if decay is None else decay[:, src].transpose(0, 1)  # (B, G·Tb, L)
+    key_decay = None if key_decay is None else key_decay[src]  # (B, L)
     v_gain = None if v_gain is None else v_gain.gather(-2, src[:, None, :, None].expand(b, hkv, -1, c))
-    return a, v, keep, decay, v_gain
+    return a, v, keep, key_decay, v_gain
 
 
 __all__ = ["SCALERS", "GainCellParams", "HeadScaler", "Moments", "derive_seed", "gaincell_attention"]

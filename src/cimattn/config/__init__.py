@@ -8,11 +8,24 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from cimattn.config.schema import Adapt, GainCell, HardwareConfig, Leakage, Noise, Quantizer, Scaler
+from cimattn.config.schema import (
+    Adapt,
+    Buffer,
+    GainCell,
+    HardwareConfig,
+    Leakage,
+    Noise,
+    PruneRecompute,
+    Quantizer,
+    Scaler,
+    Scorer,
+    Selection,
+)
 from cimattn.errors import CimattnError
 
 __all__ = [
-    "Adapt", "GainCell", "HardwareConfig", "Leakage", "Noise", "Quantizer", "Scaler",
+    "Adapt", "Buffer", "GainCell", "HardwareConfig", "Leakage", "Noise", "PruneRecompute", "Quantizer", "Scaler",
+    "Scorer", "Selection",
     "list_presets", "load_preset", "preset_yaml",
 ]
 

@@ -159,6 +159,144 @@ class GainCell(Strict):
         return c
 
 
+SPRINT = "Yazdanbakhsh et al., SPRINT, MICRO 2022 (shared/PAPERS.md §2)"
+HYATT = "Moradifirouzabadi et al., HyAtt, ESSERC 2024 / JSSC 2025 (shared/PAPERS.md §3)"
+QUEST = "Tang et al., Quest, ICML 2024 (16-token pages)"
+ANALOG_SCORERS = ("reram", "charge")
+
+
+class Scorer(Strict):
+    """The cheap, approximate Q·Kᵀ that decides which keys are fetched.
+
+    `reram` (SPRINT): key MSBs as multi-level conductances in a crossbar, the
+    query through a DAC, one column current per key.  `charge` (HyAtt): key
+    MSBs as binary bit cells, products shared as charge on a capacitor line,
+    an optional ADC.  `exact`, `quest`, `h2o`, `random` are the digital
+    baselines in the same harness (exact scores, Quest page bounds, H2O
+    accumulated attention, uniform random).  Null bits / levels = ideal.
+    """
+
+    kind: Literal["reram", "charge", "exact", "quest", "h2o", "random"] = Field(
+        "reram", description="how keys are scored: analog (reram | charge) or a digital baseline (exact | quest | h2o | random)"
+    )
+    key_bits: int | None = field(
+        8, "bits", SPRINT + ": fixed-point keys, width not given (uncertain)",
+        "bits of a stored key element (signed, symmetric); null = full-precision keys", ge=2, le=16,
+    )
+    key_msb_bits: int | None = field(
+        4, "bits", SPRINT + ": 4 key MSBs in 4-bit multi-level cells",
+        "most significant key bits the scorer sees; null = all key_bits", ge=1, le=16,
+    )
+    query_bits: int | None = field(
+        4, "bits", SPRINT + ": a low-precision q is copied into the memory, width not given (uncertain)",
+        "query DAC bits (signed, symmetric); null = ideal DAC", ge=2, le=16,
+    )
+    conductance_levels: int | None = field(
+        16, "levels", SPRINT + ": 4-bit multi-level ReRAM cells",
+        "distinct conductances of a ReRAM cell (reram only); null = continuous", ge=2, le=1 << 16,
+    )
+    output_bits: int | None = field(
+        None, "bits", SPRINT + ": a 1-bit comparator per key column, no ADC",
+        "ADC bits of the score read-out before selection; null = the comparator sees the analog value", ge=1, le=16,
+    )
+    variation_std: float = field(
+        0.0, "fraction", "not given by SPRINT or HyAtt: ideal by default",
+        "std of a multiplicative per-cell gain error (conductance / capacitor mismatch), fixed per stored key", ge=0, le=1,
+    )
+    read_noise_std: float = field(
+        0.0, "fraction of full scale", "not given by SPRINT or HyAtt: ideal by default",
+        "std of additive noise on each score read, relative to the column's full scale", ge=0, le=1,
+    )
+    comparator_offset_std: float = field(
+        0.0, "fraction of full scale", SPRINT + ": a 1-bit analog comparator; its offset is not given",
+        "std of each comparator's static input offset (threshold rules only)", ge=0, le=1,
+    )
+    page_tokens: int = field(16, "tokens", QUEST, "tokens per page of the Quest baseline (quest only)", ge=1, le=4096)
+    seed: int = Field(0, ge=0, description="seed of variation, read noise, comparator offsets and the random baseline [1]")
+
+    @model_validator(mode="after")
+    def _bits(self) -> Scorer:
+        if self.key_msb_bits is not None:
+            if self.key_bits is None:
+                raise ValueError(f"key_msb_bits ({self.key_msb_bits}) needs key_bits: set key_bits or key_msb_bits: null")
+            if self.key_msb_bits > self.key_bits:
+                raise ValueError(f"key_msb_bits ({self.key_msb_bits}) exceeds key_bits ({self.key_bits}): lower key_msb_bits")
+        if self.kind == "charge" and self.conductance_levels is not None:
+            raise ValueError("conductance_levels is a ReRAM property: set it to null for a charge scorer")
+        return self
+
+
+class Selection(Strict):
+    """Which scored keys are kept.
+
+    threshold  keep a key when its score exceeds the layer/head threshold (a
+               comparator against a fixed reference: SPRINT's rule);
+    relative   keep a key when its score is within `threshold` of the
+               query's highest score (needs a max-tracking circuit: a hardware
+               variant with its own cost);
+    top_k      keep the `top_k` highest scores per query;
+    keep_rate  keep the ceil(keep_rate · visible keys) highest per query.
+    Scores are in logits (q·k·scaling).  `threshold: null` means calibrated
+    per layer and head to `keep_rate` on calibration text (the adapt stage);
+    until then nothing is pruned.  Always-kept tokens count toward the rate.
+    """
+
+    rule: Literal["threshold", "relative", "top_k", "keep_rate"] = Field(
+        "threshold", description="selection rule: threshold | relative | top_k | keep_rate"
+    )
+    keep_rate: float = field(
+        0.25, "fraction of visible keys", HYATT + ": ~75 % of tokens pruned",
+        "target share of keys kept: the keep_rate rule's budget, the calibration target of threshold rules", gt=0, le=1,
+    )
+    top_k: int | None = field(None, "keys", "ours", "keys kept per query (top_k rule)", ge=1)
+    threshold: float | None = field(
+        None, "logits", SPRINT + ": a learned per-layer threshold (uncertain)",
+        "fixed threshold (threshold rule) or margin below the row maximum (relative rule) for every head; null = calibrated",
+    )
+    current: bool = Field(True, description="always keep the query's own token")
+    recent_tokens: int = field(3, "tokens", "ours (issue 6's quick measurement)", "always keep this many tokens before the query", ge=0)
+    sink_tokens: int = field(1, "tokens", "ours (issue 6's quick measurement)", "always keep the first tokens of the sequence (attention sinks)", ge=0)
+    learn_steps: int = field(
+        0, "steps", "LeOPArd-style learned thresholds (shared/PAPERS.md, neighbours)",
+        "after calibration, train the thresholds through a soft comparator against the digital teacher (0 = calibration only)", ge=0,
+    )
+    learn_temperature: float = field(0.5, "logits", "ours", "width of the soft comparator sigmoid((score − threshold) / T) while learning", gt=0)
+    learn_rate_weight: float = field(10.0, "1", "ours", "weight of (soft keep rate − keep_rate)² beside the distillation loss", ge=0)
+    learn_lr: float = field(0.01, "logits per step", "ours, not tuned on a real model", "Adam learning rate of the thresholds", gt=0, lt=10)
+
+    @model_validator(mode="after")
+    def _rule_fields(self) -> Selection:
+        if self.rule == "top_k" and self.top_k is None:
+            raise ValueError("rule 'top_k' needs top_k (keys kept per query)")
+        if self.rule == "relative" and self.threshold is not None and self.threshold < 0:
+            raise ValueError(f"a relative threshold is a margin below the row maximum: it must be ≥ 0, got {self.threshold}")
+        return self
+
+
+class Buffer(Strict):
+    """SPRINT's on-chip K/V buffer: keys kept by the previous query and still buffered are not fetched again."""
+
+    size_kb: float = field(16.0, "KiB", SPRINT + ": 16 / 32 / 64 KB configurations", "on-chip K/V buffer size", gt=0, le=1 << 20)
+    bytes_per_element: float = field(
+        1.0, "bytes", SPRINT + ": 8-bit fixed point assumed (uncertain)", "bytes of one stored K or V element", gt=0, le=8
+    )
+    reuse: bool = Field(True, description="adjacent-query reuse: keys still buffered from the previous query are not refetched — " + SPRINT)
+
+
+class PruneRecompute(Strict):
+    """Prune-and-recompute attention: analog scores → keep mask → exact softmax over the kept keys (SPRINT / HyAtt)."""
+
+    scorer: Scorer = Field(Scorer(), description="the approximate scorer")
+    selection: Selection = Field(Selection(), description="the keep rule and the always-kept tokens")
+    buffer: Buffer = Field(Buffer(), description="on-chip buffer and fetch model")
+
+    @model_validator(mode="after")
+    def _combination(self) -> PruneRecompute:
+        if self.scorer.kind == "h2o" and self.selection.rule not in ("keep_rate", "top_k"):
+            raise ValueError("the h2o baseline splits a per-query budget: use selection.rule keep_rate or top_k")
+        return self
+
+
 class Adapt(Strict):
     """How a converted model is adapted (Leroux et al.'s stages, each optional)."""
 
@@ -191,8 +329,9 @@ class HardwareConfig(Strict):
     name: str = Field(description="preset name")
     description: str = Field("", description="one line on what this preset models")
     source: str = Field("", description="the publication the numbers come from")
-    attention: Literal["digital", "gaincell"] = Field(description="attention family the hardware computes")
+    attention: Literal["digital", "gaincell", "prune_recompute"] = Field(description="attention family the hardware computes")
     gaincell: GainCell | None = Field(None, description="gain-cell array physics (attention: gaincell)")
+    prune_recompute: PruneRecompute | None = Field(None, description="scorer, selection and buffer (attention: prune_recompute)")
     adapt: Adapt = Field(Adapt(), description="adaptation recipe")
 
     @model_validator(mode="after")
@@ -201,4 +340,8 @@ class HardwareConfig(Strict):
             self.gaincell = GainCell()
         if self.attention == "digital" and self.gaincell is not None:
             raise ValueError("a 'digital' preset takes no 'gaincell' section")
+        if self.attention == "prune_recompute" and self.prune_recompute is None:
+            raise ValueError("attention 'prune_recompute' needs a 'prune_recompute' section (scorer, selection, buffer)")
+        if self.attention != "prune_recompute" and self.prune_recompute is not None:
+            raise ValueError(f"a '{self.attention}' preset takes no 'prune_recompute' section")
         return self

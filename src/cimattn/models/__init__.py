@@ -15,7 +15,12 @@ from cimattn.models.convert import (
     set_cell,
     trainable_parameters,
 )
-from cimattn.models.loading import DEFAULT_MODEL, TINY_CONFIGS, byte_tokenizer, load_model
+from cimattn.models.loading import (
+    DEFAULT_MODEL,
+    TINY_CONFIGS,
+    byte_tokenizer,
+    load_model,
+)
 
 __all__ = [
     "DEFAULT_MODEL", "SCALERS", "TINY_CONFIGS", "attention_modules", "byte_tokenizer", "convert", "hardware_layers",

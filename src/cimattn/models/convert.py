@@ -38,6 +38,7 @@ from torch import nn
 
 from cimattn.attention import IMPLEMENTATIONS
 from cimattn.attention.gaincell import SCALERS, GainCellParams, Moments
+from cimattn.attention.prune_recompute import PruneRecomputeParams
 from cimattn.config.schema import HardwareConfig
 from cimattn.errors import CimattnError
 from cimattn.models.loading import check_supported
@@ -46,6 +47,11 @@ from cimattn.models.loading import check_supported
 def attention_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
     """(layer index, module) of each self-attention module, in model order (converted or not)."""
     return [(m.layer_idx, m) for _, m in _named_attention_modules(model)]
+
+
+def decoder_layers(model: nn.Module) -> list[tuple[int, nn.Module, nn.Module]]:
+    """(layer index, decoder layer, its attention module) in model order: the layer is the attention's parent."""
+    return [(m.layer_idx, model.get_submodule(name.rpartition(".")[0]), m) for name, m in _named_attention_modules(model)]
 
 
 def _named_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -69,7 +75,7 @@ def convert(model: nn.Module, hw: HardwareConfig) -> nn.Module:
             "(a module named '*Attention' with `layer_idx` and `config`); use a Llama, GPT-2, Qwen2 or Mistral-like model"
         )
     for _, module in modules:  # converting again replaces, never stacks
-        if isinstance(getattr(module, "cim", None), GainCellParams):
+        if isinstance(getattr(module, "cim", None), (GainCellParams, PruneRecomputeParams)):
             del module.cim
     if hw.attention == "gaincell":
         physics = hw.gaincell.model_copy(deep=True)  # one copy shared by all layers: the caller's config stays untouched
@@ -77,6 +83,12 @@ def convert(model: nn.Module, hw: HardwareConfig) -> nn.Module:
             n_heads, n_kv_heads, head_dim = _head_shape(module)
             device = next(module.parameters()).device
             module.cim = GainCellParams(physics, n_heads, n_kv_heads, head_dim, layer_idx=module.layer_idx).to(device)
+    elif hw.attention == "prune_recompute":  # per-layer thresholds and converter ranges, calibrated by the adapt stage
+        physics = hw.prune_recompute.model_copy(deep=True)
+        for _, module in modules:
+            n_heads, n_kv_heads, head_dim = _head_shape(module)
+            device = next(module.parameters()).device
+            module.cim = PruneRecomputeParams(physics, n_heads, n_kv_heads, head_dim, layer_idx=module.layer_idx).to(device)
     elif hw.attention != "digital":
         raise CimattnError(f"preset '{hw.name}': attention '{hw.attention}' cannot be converted to yet")
     model.set_attn_implementation(IMPLEMENTATIONS[hw.attention])

@@ -12,12 +12,16 @@ With `cell_gradient: linear` the nonlinear cell forwards the polynomial and
 backwards the linear cell's gradient (the authors' surrogate); `exact` uses
 the polynomial's own derivative.
 
-Arrays sum cell charges along a line, so attention needs two matrix forms:
+Arrays sum cell charges along a line, so attention needs two matrix forms.
+Leakage depends on the age t − s of a key read by query t, and
+exp(−r·(t − s)) = exp(−r·(t − t0)) · exp(r·(s − t0)) for any reference t0,
+so the decay is passed as a `Decay` of a query-side and a key-side factor
+and folded into the operands of each product — never a (T, S) pass:
 
     scores       S[t, s] = Σ_d cell(q[t, d], k[s, d], decay[t, s])
-                         = Σ_i c_i · decay^i ⊙ (q @ (u_k^i)ᵀ)
+                         = Σ_i c_i · (q ⊙ dq^i) @ (u_k^i ⊙ dk^i)ᵀ
     weighted sum O[t, d] = Σ_s cell(A[t, s], v[s, d], decay[t, s])
-                         = Σ_i c_i · (A ⊙ decay^i) @ u_v^i
+                         = Σ_i c_i · dq^i ⊙ (A @ (u_v^i ⊙ dk^i))
 
 An optional `gain` (same shape as the stored k or v, broadcastable) is the
 multiplicative per-cell gain error of device-to-device variability: it
@@ -28,7 +32,7 @@ leading dimensions broadcast like `torch.matmul`.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import torch
 
@@ -36,6 +40,22 @@ from cimattn.config.schema import GainCell
 from cimattn.physics.quantize import quantize
 
 CellKind = Literal["linear", "nonlinear"]
+# A decay factor stays below e^60 (fp32 holds e^88), so the two factors' product never overflows
+MAX_LEAK_EXPONENT = 60.0
+
+
+class Decay(NamedTuple):
+    """decay[t, s] = query[t] · key[s], each factor shaped to broadcast against the operand it scales.
+
+    query: (..., T, 1) against pulses (..., T, D); key: (..., S, 1) against stored (..., S, D).
+    """
+
+    query: torch.Tensor
+    key: torch.Tensor
+
+    def dense(self) -> torch.Tensor:
+        """The (..., T, S) decay matrix (for checks; the matrix forms never build it)."""
+        return self.query * self.key.transpose(-1, -2)
 
 
 def cell(
@@ -65,34 +85,36 @@ def cell_scores(
     q: torch.Tensor,
     k: torch.Tensor,
     cfg: GainCell,
-    decay: torch.Tensor | None = None,
+    decay: Decay | None = None,
     *,
     kind: CellKind | None = None,
     gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Q·Kᵀ on the K array: (..., T, D) pulses × (..., S, D) stored keys → (..., T, S) charges.
 
-    `decay` broadcasts to (..., T, S); `gain` to k's shape (one per stored cell).
+    `gain` broadcasts to k's shape (one per stored cell).
     """
     u = k - cfg.y_mid
 
-    def m(i: int) -> torch.Tensor:  # Σ_d q · u^i (· gain)
+    def m(i: int) -> torch.Tensor:  # Σ_d q·dq^i · u^i·dk^i (· gain)
         if i == 0 and gain is None:
-            return q.sum(-1, keepdim=True)  # (..., T, 1): the same for every key
+            return q.sum(-1, keepdim=True)  # (..., T, 1): the same for every key; the constant term does not decay
         stored = u.pow(i) if gain is None else u.pow(i) * gain  # (..., S, D)
-        return torch.matmul(q, stored.transpose(-1, -2))  # (..., T, S)
+        pulses = q
+        if decay is not None and i > 0:
+            pulses, stored = q * decay.query.pow(i), stored * decay.key.pow(i)
+        return torch.matmul(pulses, stored.transpose(-1, -2))  # (..., T, S)
 
     m1 = m(1)
 
     def linear() -> torch.Tensor:
-        return cfg.linear_slope * (m1 if decay is None else m1 * decay)
+        return cfg.linear_slope * m1
 
     def nonlinear() -> torch.Tensor:
-        # Horner in the decay: Σ_i c_i d^i m_i = c_0 m_0 + d(c_1 m_1 + d(c_2 m_2 + d c_3 m_3))
         coeffs = cfg.cell_polynomial()
-        acc = coeffs[-1] * m(len(coeffs) - 1)
-        for i in range(len(coeffs) - 2, -1, -1):
-            acc = _times_plus(acc, decay, m1 if i == 1 else m(i), coeffs[i])
+        acc = coeffs[1] * m1
+        for i in (0, *range(2, len(coeffs))):
+            acc = _plus(acc, m(i), coeffs[i])
         return acc
 
     return _with_gradient(linear, nonlinear, cfg, kind or cfg.cell)
@@ -102,51 +124,45 @@ def cell_weighted_sum(
     a: torch.Tensor,
     v: torch.Tensor,
     cfg: GainCell,
-    decay: torch.Tensor | None = None,
+    decay: Decay | None = None,
     *,
     kind: CellKind | None = None,
     gain: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """A·V on the V array: (..., T, S) pulses × (..., S, D) stored values → (..., T, D) charges.
 
-    `decay` broadcasts to (..., T, S) and multiplies the pulse (the i-th term by decay^i).
+    The i-th term of each cell decays as decay^i (the constant term not at all).
     """
     u = v - cfg.y_mid
 
-    def term(i: int, pulses: torch.Tensor, c: float = 1.0) -> torch.Tensor:  # c · (pulses ⊙ decay^i) @ (u^i · gain)
+    def term(i: int) -> torch.Tensor:  # dq^i ⊙ (A @ (u^i·dk^i · gain))
         if i == 0 and gain is None:
-            return c * pulses.sum(-1, keepdim=True)  # (..., T, 1): the same for every column
-        stored = c * u.pow(i) if gain is None else c * u.pow(i) * gain  # (..., S, D): scaling here is cheap
-        return torch.matmul(pulses, stored)  # (..., T, D)
+            return a.sum(-1, keepdim=True)  # (..., T, 1): the same for every column
+        stored = u.pow(i) if gain is None else u.pow(i) * gain  # (..., S, D)
+        if decay is None or i == 0:
+            return torch.matmul(a, stored)
+        return torch.matmul(a, stored * decay.key.pow(i)) * decay.query.pow(i)  # (..., T, D)
 
-    a1 = a if decay is None else a * decay  # (..., T, S)
-    t1 = term(1, a1)
+    t1 = term(1)
 
     def linear() -> torch.Tensor:
         return cfg.linear_slope * t1
 
     def nonlinear() -> torch.Tensor:
         coeffs = cfg.cell_polynomial()
-        acc = term(0, a, coeffs[0]) + coeffs[1] * t1
-        # pure inference: the pulses may decay in place (a1 is a fresh tensor nobody keeps)
-        in_place = decay is not None and a1 is not a and not torch.is_grad_enabled() and not a1.requires_grad
-        pulses = a1
-        for i in range(2, len(coeffs)):
-            if decay is not None:
-                pulses = pulses.mul_(decay) if in_place else pulses * decay
-            t = term(i, pulses, coeffs[i])
-            acc = acc.add_(t) if in_place else acc + t
+        acc = coeffs[1] * t1
+        for i in (0, *range(2, len(coeffs))):
+            acc = _plus(acc, term(i), coeffs[i])
         return acc
 
     return _with_gradient(linear, nonlinear, cfg, kind or cfg.cell)
 
 
-def _times_plus(acc: torch.Tensor, d: torch.Tensor | None, m: torch.Tensor, c: float) -> torch.Tensor:
-    """acc · d + c · m, in place when no gradient is being recorded (this is the bulk of the work)."""
-    if torch.is_grad_enabled() and (acc.requires_grad or m.requires_grad):
-        return (acc if d is None else acc * d) + c * m
-    if d is not None:
-        acc.mul_(d)
+def _plus(acc: torch.Tensor, m: torch.Tensor, c: float) -> torch.Tensor:
+    """acc + c·m, in place when no gradient is recorded (this is the bulk of the work) and the shapes allow it."""
+    recording = torch.is_grad_enabled() and (acc.requires_grad or m.requires_grad)
+    if recording or torch.broadcast_shapes(acc.shape, m.shape) != acc.shape:
+        return acc + c * m
     return acc.add_(m, alpha=c)
 
 
@@ -162,15 +178,32 @@ def _with_gradient(linear: Callable[[], torch.Tensor], nonlinear: Callable[[], t
     return lin + (value - lin).detach()
 
 
-def leakage_decay(age_tokens: torch.Tensor, cfg: GainCell, dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
-    """exp(−rate · age) of the stored deviation after `age_tokens` tokens; None when the cell does not leak.
+def leakage_decay(
+    query_index: torch.Tensor, key_index: torch.Tensor, cfg: GainCell, dtype: torch.dtype = torch.float32
+) -> Decay | None:
+    """exp(−rate · (t − s)) for queries at cache indices `query_index` (T,) and keys at `key_index` (S,).
 
-    Negative ages (future keys, masked anyway) are treated as age 0.
+    None when the cell does not leak.  The reference is the first query; a
+    future key (s > t, masked anyway) gets a factor above 1, so callers keep
+    a block's queries within `max_query_block(cfg)` of each other and both
+    factors stay finite.
     """
     rate = cfg.leakage.rate_per_token
     if rate == 0.0:
         return None
-    return torch.exp(-rate * age_tokens.clamp_min(0).to(dtype))
+    t0 = query_index[:1]
+    query = torch.exp(-rate * (query_index - t0).to(dtype))
+    key = torch.exp(rate * (key_index - t0).to(dtype))
+    return Decay(query[:, None], key[:, None])
+
+
+def max_query_block(cfg: GainCell) -> int | None:
+    """The most consecutive queries one `leakage_decay` may cover (None: no limit)."""
+    rate = cfg.leakage.rate_per_token
+    if rate == 0.0:
+        return None
+    powers = len(cfg.cell_polynomial()) - 1  # factors are raised to at most this power
+    return max(1, int(MAX_LEAK_EXPONENT / (powers * rate)))
 
 
 def read_noise(x: torch.Tensor, std: float, generator: torch.Generator | None = None) -> torch.Tensor:

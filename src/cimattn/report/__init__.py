@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display on servers or in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from cimattn.storage import atomic_write_bytes, atomic_write_text  # noqa: E402
+from cimattn.storage import atomic_write_text, save_figure  # noqa: E402
 
 # metric key → label, in pipeline order
 PPL_STAGES = {
@@ -46,9 +46,18 @@ def write_report(out: Path, results: dict) -> Path:
         if key in m:
             ratio = f"{m[key] / digital:.3g}" if digital else ""
             lines.append(f"| {label} | {m[key]:.4g} | {ratio} |")
+    from cimattn.cost.run import report_lines as cost_lines
+
+    lines += ["", *cost_lines(results)]
+    telemetry = results.get("telemetry", {})
+    if telemetry:  # prune-and-recompute: keep rate and what SPRINT's buffer model fetched
+        keys = ("keep_rate", "refetch_fraction", "adjacent_new_fraction", "fetched_tokens_per_query", "fetched_bytes_per_query",
+                "context", "buffer_tokens")
+        lines += ["", "## Pruning telemetry", "", "| quantity | value |", "|---|---|"]
+        lines += [f"| {k} | {telemetry[k]:.6g} |" for k in keys if k in telemetry]
     lines += ["", "## Timings", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v:.1f} |" for k, v in results.get("timings", {}).items()]
-    other = {k: v for k, v in m.items() if k not in PPL_STAGES}
+    other = {k: v for k, v in m.items() if k not in PPL_STAGES and k != "gpu"}  # gpu: in the cost section
     if other:
         lines += ["", "## Other metrics", "", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in other.items()]
@@ -68,7 +77,7 @@ def _plot_ppl(out: Path, results: dict) -> Path | None:
     ax.set_xscale("log")
     ax.set_xlabel("perplexity (log scale, lower is better)")
     ax.set_title(f"{results['model']} · {results['preset']}")
-    return _save(fig, out / "ppl_stages.png")
+    return save_figure(fig, out / "ppl_stages.png")
 
 
 def _plot_history(out: Path, results: dict) -> Path | None:
@@ -85,15 +94,4 @@ def _plot_history(out: Path, results: dict) -> Path | None:
         ax.set_yscale("log")
         ax.set_xlabel("layer" if name == "layerwise_error" else "step")
         ax.set_title(name.replace("_", " "))
-    return _save(fig, out / "adaptation.png")
-
-
-def _save(fig, path: Path) -> Path:
-    import io
-
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, out / "adaptation.png")

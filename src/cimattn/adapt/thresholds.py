@@ -1,0 +1,169 @@
+"""Calibrate prune-and-recompute hardware: per-head thresholds and converter ranges on calibration text.
+
+This is the adapt stage of the `sprint` / `hyatt` presets.  One forward over
+a fixed batch of calibration windows (the run's context) with every layer in
+calibration mode: each layer first sets its query-DAC and key ranges to the
+batch's max |q|, |k| per head, then — for the threshold rules, when the
+preset gives no fixed threshold — the per-head threshold (or margin) that
+keeps `selection.keep_rate` of the visible keys on this batch.  Layers run
+in model order, so each is calibrated on inputs already shaped by the
+pruning of the layers before it.  A second forward measures the keep rate
+the calibrated thresholds reach on the same batch.
+
+With `selection.learn_steps > 0` the calibrated thresholds are then trained
+(LeOPArd-style, `learn_thresholds`): a soft comparator makes the keep
+decision differentiable, and only the thresholds move, to match the digital
+teacher's next-token distribution at the target keep rate.
+
+The calibrated buffers are saved in the run's `adapted/` directory
+(`hardware.safetensors`, `preset.yaml`, `state.json`), so a rerun resumes
+and `cimattn eval --adapted` reloads them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cimattn.adapt import checkpoint
+from cimattn.attention.prune_recompute import collect_telemetry, prune_layers
+from cimattn.config import HardwareConfig
+from cimattn.errors import CimattnError
+
+CALIBRATED = ("threshold", "q_full_scale", "k_full_scale")  # the buffers a calibration sets
+
+
+def calibration_windows(ids: torch.Tensor, tokens: int, context: int) -> torch.Tensor:
+    """The first `tokens` calibration tokens as (rows, context), at least one row."""
+    context = min(context, ids.numel())
+    rows = max(1, min(tokens, ids.numel()) // context)
+    return ids[: rows * context].reshape(rows, context)
+
+
+@torch.no_grad()
+def calibrate_thresholds(model: torch.nn.Module, batch: torch.Tensor, *, measure: bool = True) -> dict:
+    """Calibrate every prune-and-recompute layer of `model` on the token rows `batch` (B, L), in place.
+
+    Returns {"calib_tokens": tokens used} and, with `measure` (one more
+    forward), "calib_keep_rate": the keep rate reached on the batch.
+    """
+    layers = prune_layers(model)
+    if not layers:
+        raise CimattnError("the model has no prune-and-recompute layers: convert it with a prune_recompute preset first")
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    for cim in layers:
+        cim.calibrate_to = cim.config.selection.keep_rate
+    try:
+        model(input_ids=batch, use_cache=False)
+    finally:
+        for cim in layers:
+            cim.calibrate_to = None
+    if not measure:
+        return {"calib_tokens": int(batch.numel())}
+    return calibrate_thresholds_rate(model, batch)
+
+
+@torch.no_grad()
+def calibrate_thresholds_rate(model: torch.nn.Module, batch: torch.Tensor) -> dict:
+    """{"calib_keep_rate", "calib_tokens"}: the keep rate the current thresholds reach on the calibration batch."""
+    with collect_telemetry(model) as telemetry:
+        model(input_ids=batch.to(next(model.parameters()).device), use_cache=False)
+    return {"calib_keep_rate": telemetry.summary()["keep_rate"], "calib_tokens": int(batch.numel())}
+
+
+def learn_thresholds(model: torch.nn.Module, teacher: torch.nn.Module, batch: torch.Tensor) -> list[float]:
+    """Train the calibrated thresholds through a soft comparator (LeOPArd-style), in place; returns the loss per step.
+
+    The comparator becomes sigmoid((score − threshold) / learn_temperature),
+    the soft mask weighs each key's softmax term, and Adam moves only the
+    thresholds to minimise KL(teacher ‖ model) per token plus
+    learn_rate_weight · (keep rate − keep_rate)², the keep rate counted by the
+    hard comparator with the soft one's gradient (straight-through).  Hard comparators
+    come back afterwards.  Threshold rules only (top-k rules have nothing to learn).
+    """
+    layers = prune_layers(model)
+    sel = layers[0].config.selection
+    if sel.rule not in ("threshold", "relative"):
+        raise CimattnError(f"learned thresholds need a threshold or relative rule, not '{sel.rule}'")
+    if any(cim.threshold.isnan().any() for cim in layers):
+        calibrate_thresholds(model, batch, measure=False)
+    device = next(model.parameters()).device
+    batch = batch.to(device)
+    with torch.no_grad():
+        target = torch.log_softmax(teacher(input_ids=batch, use_cache=False).logits.float(), dim=-1).flatten(0, 1)
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    thresholds = [cim.threshold.requires_grad_(True) for cim in layers]
+    optimizer = torch.optim.Adam(thresholds, lr=sel.learn_lr)
+    losses = []
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for cim in layers:
+            cim.soft_temperature = sel.learn_temperature
+        for _ in range(sel.learn_steps):
+            for cim in layers:
+                cim.soft_kept = []
+            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1).flatten(0, 1)
+            kl = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+            kept = sum(k for cim in layers for k, _ in cim.soft_kept) / sum(n for cim in layers for _, n in cim.soft_kept)
+            loss = kl + sel.learn_rate_weight * (kept - sel.keep_rate) ** 2
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+    finally:
+        for cim in layers:
+            cim.soft_temperature, cim.soft_kept = None, []
+            cim.threshold.requires_grad_(False)
+        for p in frozen:
+            p.requires_grad_(True)
+    return losses
+
+
+def threshold_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """{buffer name: tensor} of every calibrated buffer, named as in `model.named_buffers()`."""
+    return {name: b.detach().cpu().clone() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] in CALIBRATED and ".cim." in name}
+
+
+def load_thresholds(model: torch.nn.Module, directory: Path) -> None:
+    """Load the calibrated buffers saved in an adapted directory into a model converted with the same preset."""
+    state = checkpoint.load_parameters(directory)
+    own = dict(model.named_buffers())
+    expected = threshold_state(model).keys()
+    if set(state) != set(expected):
+        missing = sorted(set(expected) - set(state))[:3]
+        raise CimattnError(f"{directory}: its thresholds do not fit this model (missing {missing}); was it calibrated on the same model and preset?")
+    for name, tensor in state.items():
+        if tensor.shape != own[name].shape:
+            raise CimattnError(f"{directory}: '{name}' has shape {tuple(tensor.shape)}, the model {tuple(own[name].shape)}")
+        own[name].copy_(tensor)
+
+
+def adapt_thresholds(
+    model: torch.nn.Module, calib_ids: torch.Tensor, hardware: HardwareConfig, *, context: int, checkpoint_dir: Path,
+    teacher: torch.nn.Module | None = None,
+) -> dict:
+    """The adapt stage for prune_recompute presets: calibrate (and learn, when asked) or reload a finished one; save it."""
+    state = checkpoint.read_state(checkpoint_dir)
+    if state.get("done"):
+        load_thresholds(model, checkpoint_dir)
+        return {k: v for k, v in state.items() if k.startswith("calib_")}
+    recipe = hardware.adapt
+    batch = calibration_windows(calib_ids, recipe.calib_tokens, recipe.calib_context or context)
+    result = calibrate_thresholds(model, batch, measure=hardware.prune_recompute.selection.learn_steps == 0)
+    if hardware.prune_recompute.selection.learn_steps:
+        if teacher is None:
+            raise CimattnError("learned thresholds (selection.learn_steps > 0) need the digital teacher model")
+        result["learn_loss"] = learn_thresholds(model, teacher, batch)
+        result.update(calibrate_thresholds_rate(model, batch))
+    checkpoint.save_parameters(checkpoint_dir, threshold_state(model), hardware)
+    checkpoint.update_state(checkpoint_dir, done=True, **result)
+    return result
+
+
+__all__ = [
+    "adapt_thresholds", "calibrate_thresholds", "calibrate_thresholds_rate", "calibration_windows", "learn_thresholds",
+    "load_thresholds", "threshold_state",
+]

@@ -1,0 +1,137 @@
+"""Fused gain-cell attention forward for prefill (Triton); the torch reference is `cimattn.attention.gaincell`.
+
+`gaincell_prefill` computes what `_attend_block` of the reference computes
+for every query of an unpadded prompt, in one kernel launch: the digital sum
+of the per-array A·V read-outs, before the output scaler.  `unsupported`
+says, in one line, why a call cannot take the kernel (None when it can), so
+the attention function can fall back to the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from cimattn.config.schema import GainCell
+from cimattn.errors import CimattnError
+from cimattn.physics.quantize import grid_anchor
+
+BLOCK_M = 64  # queries per program: one array's worth of keys per step, as on the chip
+MIN_DOT = 16  # tl.dot needs every block dimension ≥ 16
+
+
+def triton_available() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def unsupported(
+    cfg: GainCell,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    keep: torch.Tensor | None = None,
+    cell: str | None = None,
+    offsets: torch.Tensor | None = None,
+) -> str | None:
+    """Why `gaincell_prefill(q, k, v, cfg)` cannot run (one line naming the field), or None when it can.
+
+    `keep` (B or 1, 1, T, S), when given, must be the plain causal window
+    (no padding): the kernel builds the mask from positions itself.
+    `offsets` (B,), the reference's ring offsets, must be 0: token s sits in
+    ring slot s mod W.  `cell` is accepted for symmetry with the launcher
+    (both cells are supported).
+    """
+    if not triton_available():
+        return "triton is not installed (pip install triton)"
+    if not (q.is_cuda or _interpreting()):
+        return f"tensors on {q.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tests)"
+    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
+        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, T, D) and equal (B, Hkv, S, D)"
+    b, h, t, d = q.shape
+    if k.shape[0] != b or k.shape[-1] != d or h % k.shape[1]:
+        return f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (batch, head dim, heads a multiple of KV heads)"
+    if k.shape[2] != t:
+        return f"{k.shape[2]} keys for {t} queries: the kernel covers prefill without a cache (decode takes the torch path)"
+    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
+        return "inputs require grad: the kernel has no backward yet (training takes the torch path)"
+    tpa = cfg.tokens_per_array
+    if tpa < MIN_DOT or tpa & (tpa - 1):
+        return f"gaincell.tokens_per_array = {tpa}: the kernel needs a power of two ≥ {MIN_DOT}"
+    if d > 256:
+        return f"head dim {d}: the kernel holds a head in registers, at most 256"
+    if cfg.noise.read_std or cfg.noise.cell_variability_std:
+        return "gaincell.noise: read noise and cell variability take the torch path"
+    if cfg.normalize:
+        return "gaincell.normalize: the ΣA column takes the torch path"
+    if offsets is not None and bool(offsets.any()):
+        return "position ids do not start at 0 (ring offsets): the torch path places the tokens"
+    if keep is not None and not torch.equal(keep.expand(b, 1, t, t), _causal_window(t, cfg.window_tokens, keep.device).expand(b, 1, t, t)):
+        return "the attention mask is not the plain causal window (padding): the torch path handles it"
+    return None
+
+
+def _causal_window(t: int, window: int, device: torch.device) -> torch.Tensor:
+    age = torch.arange(t, device=device)[:, None] - torch.arange(t, device=device)[None, :]  # (T, T)
+    return ((age >= 0) & (age < window))[None, None]
+
+
+def gaincell_prefill(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cfg: GainCell,
+    cell: str | None = None,
+    block_m: int = BLOCK_M,
+    precision: str = "ieee",
+) -> torch.Tensor:
+    """Gain-cell attention of an unpadded prompt: q (B, H, T, D), k, v (B, Hkv, T, D) → (B, H, T, D) fp32.
+
+    Inputs are the quantised pulses q and stored voltages k, v (after the
+    scalers and quantisers, as `gaincell_attention` makes them); the output
+    is the digital sum of the A·V arrays' read-outs, before the output
+    scaler — the value `_attend_block` returns.  Query t sees keys s with
+    0 ≤ t − s < window_tokens; key s sits in array (s mod W) // tokens_per_array.
+
+    Supported (else CimattnError naming the reason, see `unsupported`):
+    CUDA tensors (or TRITON_INTERPRET=1); any batch, query/KV head counts
+    (GQA), head dim ≤ 256; S = T (no cache) and no padding; prompts longer
+    than the window (ring-buffer laps share an array before its read-out);
+    `cell` "linear" or "nonlinear" (default cfg.cell), leakage on or off,
+    any score scale / offset, A·V tile scale and av_out quantiser (levels or
+    none); tokens_per_array a power of two ≥ 16; no read noise, no cell
+    variability, normalize off; forward only (no autograd).  Arithmetic is
+    fp32 whatever the input dtype; `precision` is tl.dot's input precision:
+    "ieee" (default: exact fp32, the accuracy the tests hold) or, on GPUs,
+    "tf32x3" / "tf32" (tensor cores, less accurate; not validated yet).
+    """
+    reason = unsupported(cfg, q, k, v, cell=cell)
+    if reason is not None:
+        raise CimattnError(f"gain-cell Triton kernel: {reason}")
+    from cimattn.kernels.triton_gaincell import gaincell_prefill_fwd
+
+    kind = cell or cfg.cell
+    b, h, t, d = q.shape
+    out = torch.empty((b, h, t, d), dtype=torch.float32, device=q.device)
+    c = cfg.cell_polynomial()
+    av = cfg.av_out
+    block_d = max(MIN_DOT, 1 << (d - 1).bit_length())
+    grid = (-(-t // block_m), b * h)
+    gaincell_prefill_fwd[grid](
+        q, k, v, out,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+        h, t, d, h // k.shape[1], cfg.window_tokens, cfg.window_tokens // cfg.tokens_per_array,
+        c[0], c[1], c[2], c[3], cfg.linear_slope, cfg.y_mid, cfg.score_scale, cfg.score_offset, cfg.leakage.rate_per_token,
+        cfg.av_tile_scale, av.low, av.high, av.step if av.levels is not None else 1.0, grid_anchor(av),
+        NONLINEAR=kind == "nonlinear", LEAK=cfg.leakage.rate_per_token > 0.0, AV_LEVELS=av.levels is not None,
+        BLOCK_M=block_m, TPA=cfg.tokens_per_array, BLOCK_D=block_d, DOT_PRECISION=precision,
+    )
+    return out

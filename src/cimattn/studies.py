@@ -1,0 +1,287 @@
+"""Studies: how the adapted hardware model's perplexity moves with one property of the hardware.
+
+`cimattn study NAME` adapts the model to the preset once (or loads
+`--adapted DIR`), then sweeps one property, keeping the adapted parameters:
+each variant is the preset with that property changed, converted afresh
+(`convert`) and given the adapted scalers back, so only the property moves.
+
+retention  τ (retention time constant) from oxide-like (hours) to silicon-like
+           (10 µs); the decay per token is exp(−step_time/τ), so the sweep is
+           also one over step time at τ fixed: only the ratio τ/step counts.
+context    perplexity by position in sequences of `multiple` × the window
+           (sliding policy: the ring buffer overwrites the oldest token),
+           digital and hardware.
+noise      read noise and device-to-device variability levels, for the model
+           adapted on the noiseless chip and for one adapted with the noise in
+           the loop (noise-aware: adapted on the `aware_at` levels).
+
+Each writes into --out: `study.json` (a table: `columns`, `rows`, plus
+`metrics` and the config), `study.png` and `study.md`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from cimattn.config import HardwareConfig, load_preset
+from cimattn.errors import CimattnError
+from cimattn.storage import atomic_write_json, git_commit, versions
+
+# τ sweep [s] at the preset's step time: oxide (IGZO) gain cells hold > 1 h, silicon ones 10 µs – 1 ms (PAPERS.md,
+# neighbours); 5 ms is the paper's (Leroux et al.: 1.6e-4 per 0.8 µs token). None = an ideal, non-leaking cell.
+RETENTION_TAUS_S = (None, 3600.0, 1.0, 5e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)
+RETENTION_TOLERANCE = 1.10  # "short enough" = perplexity within 10 % of the non-leaking cell's
+# (read_std, cell_variability_std) levels: two one-factor sweeps through 0 and gaincell-realistic's point (0.01, 0.05)
+NOISE_LEVELS = (
+    (0.0, 0.0), (0.005, 0.0), (0.01, 0.0), (0.02, 0.0), (0.05, 0.0),
+    (0.0, 0.02), (0.0, 0.05), (0.0, 0.1), (0.0, 0.2), (0.01, 0.05),
+)
+NOISE_AWARE_AT = (0.01, 0.05)  # the noisy chip the noise-aware model is adapted on: gaincell-realistic's levels (assumed there)
+
+
+@dataclass
+class StudySpec:
+    """What a study runs on; `context` None = the study's own default (DEFAULT_CONTEXT)."""
+
+    name: str
+    model: str = "smollm2-135m"
+    preset: str = "leroux-gaincell"
+    out: Path = Path("runs/study")
+    adapted: Path | None = None  # a run's adapted/ directory to start from instead of adapting
+    budget_s: float = 120.0  # wall-clock seconds of each adaptation
+    text: str | None = None
+    eval_tokens: int = 1024  # tokens scored per point (retention, noise); sequences × length for context
+    context: int | None = None
+    sequences: int = 2  # context study: sequences of `multiple` × window tokens
+    multiple: int = 4  # context study: sequence length in windows
+    bin_tokens: int = 256  # context study: positions per bin
+    seed: int = 0
+
+
+# perplexity windows [tokens] of each study (and of the adaptation's progress measurements);
+# retention uses longer windows so that key ages reach the short τ values
+DEFAULT_CONTEXT = {"retention": 512, "noise": 256, "context": 256}
+
+
+@dataclass
+class Bench:
+    """The model adapted once to `hardware`; `use(variant)` converts it to a variant and gives the adapted scalers back."""
+
+    spec: StudySpec
+    hardware: HardwareConfig
+    run: object  # pipeline.Run: model, teacher, tokenizer, eval and calibration ids
+    scalers: dict = field(default_factory=dict)
+    adapt_metrics: dict = field(default_factory=dict)
+
+    @property
+    def model(self) -> torch.nn.Module:
+        return self.run.model
+
+    def use(self, variant: HardwareConfig) -> None:
+        from cimattn.models import convert
+        from cimattn.models.convert import load_hardware_state
+
+        convert(self.model, variant)
+        load_hardware_state(self.model, self.scalers)
+
+    def ppl(self, model: torch.nn.Module | None = None) -> float:
+        from cimattn.eval import perplexity
+
+        return perplexity(model or self.model, self.run.eval_ids, context=self.spec.context, eval_tokens=self.spec.eval_tokens).ppl
+
+
+def prepare(spec: StudySpec, progress: Callable, log: Callable[[str], None]) -> Bench:
+    """Load, keep a digital teacher, convert to the preset and adapt (or load --adapted): the study's starting model."""
+    from cimattn import pipeline
+    from cimattn.adapt import load_adapted
+    from cimattn.models import convert
+    from cimattn.models.convert import hardware_state_dict
+
+    hardware = load_preset(spec.preset)
+    if hardware.gaincell is None:
+        raise CimattnError(f"study '{spec.name}' sweeps gain-cell properties: preset '{spec.preset}' is not a gain-cell preset")
+    run = _run(spec, hardware, spec.out, progress)
+    pipeline.load(run)
+    run.teacher = copy.deepcopy(run.model).eval()
+    convert(run.model, hardware)
+    t0 = time.perf_counter()
+    if spec.adapted is not None:
+        load_adapted(run.model, spec.adapted)
+        metrics = {"adapted_from": str(spec.adapted)}
+    else:
+        pipeline.adapt(run)
+        metrics = dict(run.metrics)
+    log(f"adapted in {time.perf_counter() - t0:.0f} s")
+    return Bench(spec, hardware, run, hardware_state_dict(run.model, "scalers"), metrics)
+
+
+def _run(spec: StudySpec, hardware: HardwareConfig, out: Path, progress: Callable):
+    from cimattn import pipeline
+
+    run_spec = pipeline.RunSpec(model=spec.model, preset=spec.preset, out=out, text=spec.text, eval_tokens=spec.eval_tokens,
+                                context=spec.context, budget_s=spec.budget_s, seed=spec.seed)
+    return pipeline.Run(spec=run_spec, hardware=hardware, progress=progress, results=pipeline.new_results(run_spec, hardware, None))
+
+
+def _variant(hardware: HardwareConfig, **gaincell) -> HardwareConfig:
+    """The preset with gain-cell fields replaced (nested sections as dicts), validated."""
+    data = hardware.model_dump()
+    for key, value in gaincell.items():
+        if isinstance(value, dict):
+            data["gaincell"][key].update(value)
+        else:
+            data["gaincell"][key] = value
+    return HardwareConfig.model_validate(data)
+
+
+# ---------------------------------------------------------------- the studies
+def retention(bench: Bench, progress: Callable) -> tuple[list[dict], dict]:
+    step_s = bench.hardware.gaincell.leakage.step_time_s
+    rows = []
+    with progress("retention sweep", total=len(RETENTION_TAUS_S)) as advance:
+        for tau in RETENTION_TAUS_S:
+            bench.use(_variant(bench.hardware, leakage={"tau_s": tau}))
+            rows.append({"tau_s": tau, "step_time_s": step_s, "retention_tokens": None if tau is None else tau / step_s,
+                         "decay_per_token": 1.0 if tau is None else math.exp(-step_s / tau), "ppl": bench.ppl()})
+            advance()
+    ideal = rows[0]["ppl"]
+    for row in rows:
+        row["ppl_ratio_ideal"] = row["ppl"] / ideal
+    # the shortest τ of the grid from which every longer τ stays within the tolerance
+    shortest = None
+    for row in rows[1:]:  # longest first
+        if row["ppl_ratio_ideal"] > RETENTION_TOLERANCE:
+            break
+        shortest = row["tau_s"]
+    return rows, {"ppl_no_leakage": ideal, "shortest_tau_s_within_10pct": shortest, "step_time_s": step_s}
+
+
+def context(bench: Bench, progress: Callable) -> tuple[list[dict], dict]:
+    spec, window = bench.spec, bench.hardware.gaincell.window_tokens
+    length = spec.multiple * window
+    ids = bench.run.eval_ids
+    if ids.numel() < length * spec.sequences:
+        raise CimattnError(
+            f"context study needs {length * spec.sequences} tokens of text ({spec.sequences} × {length}), "
+            f"the text has {ids.numel()}: lower --sequences or give a longer --text"
+        )
+    from cimattn.eval import max_context
+
+    limit = max_context(bench.model)
+    if limit is not None and length > limit:
+        raise CimattnError(f"context study: {length} tokens exceed the model's {limit} positions: lower --multiple")
+    bench.use(_variant(bench.hardware, context_policy="sliding"))
+    batches = ids[: length * spec.sequences].reshape(spec.sequences, length)  # (N, L)
+    with progress("per-position NLL", total=2 * spec.sequences) as advance:
+        digital = position_nll(bench.run.teacher, batches, advance)
+        hardware = position_nll(bench.model, batches, advance)
+    rows = []
+    for start in range(0, length, spec.bin_tokens):  # bins of token positions; position p is NLL index p − 1
+        lo, hi = max(start, 1), min(start + spec.bin_tokens, length)
+        d, h = digital[:, lo - 1 : hi - 1].mean().item(), hardware[:, lo - 1 : hi - 1].mean().item()
+        rows.append({"first_position": lo, "last_position": hi - 1, "in_windows": hi / window,
+                     "ppl_digital": math.exp(d), "ppl_hardware": math.exp(h), "ppl_ratio": math.exp(h - d)})
+    first = [r for r in rows if r["last_position"] < window]
+    beyond = [r for r in rows if r["first_position"] > window]
+    metrics = {"window_tokens": window, "sequence_tokens": length, "sequences": spec.sequences,
+               "ppl_hardware_first_window": _ppl(hardware[:, : window - 1]),
+               "ppl_hardware_beyond_window": _ppl(hardware[:, window - 1 :]) if beyond else None,
+               "ppl_digital_first_window": _ppl(digital[:, : window - 1]),
+               "ppl_digital_beyond_window": _ppl(digital[:, window - 1 :]) if beyond else None,
+               "bins_in_first_window": len(first)}
+    return rows, metrics
+
+
+def _ppl(nll: torch.Tensor) -> float:
+    return math.exp(nll.mean().item())
+
+
+@torch.inference_mode()
+def position_nll(model: torch.nn.Module, batches: torch.Tensor, advance: Callable) -> torch.Tensor:
+    """(N, L−1) NLL of token i+1 given tokens 0..i, one sequence per forward (float32)."""
+    rows = []
+    for seq in batches:
+        logits = model(input_ids=seq[None], use_cache=False).logits[0, :-1].float()  # (L−1, V)
+        rows.append(-torch.log_softmax(logits, dim=-1).gather(-1, seq[1:, None]).squeeze(-1))
+        advance()
+    return torch.stack(rows)
+
+
+def noise(bench: Bench, progress: Callable) -> tuple[list[dict], dict]:
+    from cimattn import pipeline
+    from cimattn.models import convert
+    from cimattn.models.convert import hardware_state_dict
+
+    read_at, var_at = NOISE_AWARE_AT
+    aware_hw = _variant(bench.hardware, noise={"read_std": read_at, "cell_variability_std": var_at})
+    # noise-aware: a second adaptation from the digital weights, with the noisy chip in the loop
+    aware_run = _run(bench.spec, aware_hw, bench.spec.out / "noise-aware", bench.run.progress)
+    for name in ("tokenizer", "eval_ids", "calib_ids", "teacher"):
+        setattr(aware_run, name, getattr(bench.run, name))
+    aware_run.model = copy.deepcopy(bench.run.teacher)
+    convert(aware_run.model, aware_hw)
+    pipeline.adapt(aware_run)
+    aware = Bench(bench.spec, aware_hw, aware_run, hardware_state_dict(aware_run.model, "scalers"), dict(aware_run.metrics))
+
+    rows = []
+    with progress("noise sweep", total=2 * len(NOISE_LEVELS)) as advance:
+        for read_std, var_std in NOISE_LEVELS:
+            row = {"read_std": read_std, "cell_variability_std": var_std}
+            for label, b in (("plain", bench), ("noise_aware", aware)):
+                b.use(_variant(bench.hardware, noise={"read_std": read_std, "cell_variability_std": var_std}))
+                row[f"ppl_{label}"] = b.ppl()
+                advance()
+            rows.append(row)
+    point = next(r for r in rows if (r["read_std"], r["cell_variability_std"]) == NOISE_AWARE_AT)
+    metrics = {"noise_aware_at": list(NOISE_AWARE_AT), "ppl_plain_noiseless": rows[0]["ppl_plain"],
+               "ppl_noise_aware_noiseless": rows[0]["ppl_noise_aware"], "ppl_plain_at_aware_point": point["ppl_plain"],
+               "ppl_noise_aware_at_aware_point": point["ppl_noise_aware"],
+               "noise_aware_adaptation": {k: v for k, v in aware.adapt_metrics.items() if k.startswith("ppl_")}}
+    return rows, metrics
+
+
+STUDIES: dict[str, Callable[[Bench, Callable], tuple[list[dict], dict]]] = {
+    "retention": retention, "context": context, "noise": noise,
+}
+
+
+def run_study(spec: StudySpec, *, progress: Callable, log: Callable[[str], None] = lambda s: None) -> dict:
+    """Run study `spec.name` into `spec.out`; returns the study record (also in study.json)."""
+    if spec.name not in STUDIES:
+        raise CimattnError(f"unknown study '{spec.name}': choose one of {', '.join(STUDIES)}")
+    if spec.sequences < 1 or spec.multiple < 1 or spec.bin_tokens < 1:
+        raise CimattnError("--sequences, --multiple and --bin-tokens must be at least 1")
+    if spec.context is None:
+        spec.context = DEFAULT_CONTEXT[spec.name]
+    out = Path(spec.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    bench = prepare(spec, progress, log)
+    prepared = time.perf_counter()
+    rows, metrics = STUDIES[spec.name](bench, progress)
+    if spec.name != "context":  # the context study scores the digital model by position itself
+        metrics["ppl_digital"] = bench.ppl(bench.run.teacher)
+    record = {
+        "study": spec.name, "model": spec.model, "preset": spec.preset, "seed": spec.seed,
+        "git_commit": git_commit(), "versions": versions(),
+        "config": {"study": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()},
+                   "hardware": bench.hardware.model_dump(mode="json")},
+        "timings": {"prepare": round(prepared - started, 3), "sweep": round(time.perf_counter() - prepared, 3)},
+        "metrics": {**metrics, "adaptation": {k: v for k, v in bench.adapt_metrics.items() if k.startswith(("ppl_", "adapted_"))}},
+        "columns": list(rows[0]), "rows": rows,
+    }
+    atomic_write_json(out / "study.json", record)
+    from cimattn.report.studies import write_study_report
+
+    write_study_report(out, record)
+    return record
+
+
+__all__ = ["NOISE_LEVELS", "RETENTION_TAUS_S", "STUDIES", "StudySpec", "position_nll", "run_study"]
