@@ -8,7 +8,10 @@ import pytest
 from cimattn.cli import main
 
 
-@pytest.mark.parametrize("command", [[], ["run"], ["adapt"], ["eval"], ["generate"], ["presets"], ["presets", "show"], ["fetch"]])
+@pytest.mark.parametrize("command", [
+    [], ["run"], ["adapt"], ["eval"], ["generate"], ["presets"], ["presets", "show"], ["fetch"], ["validate"], ["cost"],
+    ["roofline"], ["bench"], ["lm-eval"], ["study"], ["prune-study"], ["explore"],
+])
 def test_help(cli, monkeypatch, capsys, command):
     code, out, _ = cli(*command, "--help")
     assert code == 0 and "Usage" in out
