@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cimattn.config import HardwareConfig, load_preset
+from cimattn.config import HardwareConfig, load_preset, with_changes
 from cimattn.errors import CimattnError
 from cimattn.storage import (
     atomic_write_json,
@@ -70,12 +70,12 @@ def method_config(name: str, keep_rate: float, seed: int = 0) -> HardwareConfig:
     if name not in METHODS:
         raise CimattnError(f"unknown prune-study method '{name}': choose from {', '.join(METHODS)}")
     m = METHODS[name]
-    data = load_preset(m.preset).model_dump()
-    data["name"] = f"{name}@{keep_rate:g}"
-    data["prune_recompute"]["scorer"].update(m.scorer, seed=seed)
-    data["prune_recompute"]["selection"].update(rule=m.rule, keep_rate=keep_rate, threshold=None)
+    changes = {
+        "name": f"{name}@{keep_rate:g}",
+        "prune_recompute": {"scorer": {**m.scorer, "seed": seed}, "selection": {"rule": m.rule, "keep_rate": keep_rate, "threshold": None}},
+    }
     try:
-        return HardwareConfig.model_validate(data)
+        return with_changes(load_preset(m.preset), changes)
     except ValueError as e:
         raise CimattnError(f"prune-study method '{name}' at keep rate {keep_rate}: {e}") from None
 

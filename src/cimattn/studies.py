@@ -30,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from cimattn.config import HardwareConfig, load_preset
+from cimattn.config import HardwareConfig, load_preset, with_changes
 from cimattn.errors import CimattnError
 from cimattn.storage import atomic_write_json, git_commit, versions
 
@@ -132,13 +132,7 @@ def _run(spec: StudySpec, hardware: HardwareConfig, out: Path, progress: Callabl
 
 def _variant(hardware: HardwareConfig, **gaincell) -> HardwareConfig:
     """The preset with gain-cell fields replaced (nested sections as dicts), validated."""
-    data = hardware.model_dump()
-    for key, value in gaincell.items():
-        if isinstance(value, dict):
-            data["gaincell"][key].update(value)
-        else:
-            data["gaincell"][key] = value
-    return HardwareConfig.model_validate(data)
+    return with_changes(hardware, {"gaincell": gaincell})
 
 
 # ---------------------------------------------------------------- the studies

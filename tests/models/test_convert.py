@@ -6,7 +6,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from cimattn.attention.gaincell import GainCellParams
-from cimattn.config import HardwareConfig, load_preset
+from cimattn.config import HardwareConfig, load_preset, with_changes
 from cimattn.errors import CimattnError
 from cimattn.models import (
     attention_modules,
@@ -29,13 +29,7 @@ TINY = ("tiny-llama", "tiny-gpt2", "tiny-qwen2")
 
 def gaincell_preset(name="leroux-gaincell", **gaincell) -> HardwareConfig:
     """A shipped preset with some gaincell fields replaced (nested sections as dicts)."""
-    data = load_preset(name).model_dump()
-    for key, value in gaincell.items():
-        if isinstance(value, dict):
-            data["gaincell"][key].update(value)
-        else:
-            data["gaincell"][key] = value
-    return HardwareConfig.model_validate(data)
+    return with_changes(load_preset(name), {"gaincell": gaincell})
 
 
 def strong(**more) -> HardwareConfig:

@@ -40,14 +40,15 @@ def _without_cache(kwargs: dict) -> dict:
 @torch.no_grad()
 def capture_teacher(teacher: torch.nn.Module, batch: torch.Tensor) -> Captured:
     """The first decoder layer's input, every decoder layer's other arguments and every attention output."""
-    hidden: dict[int, torch.Tensor] = {}
+    first: list[torch.Tensor] = []  # only the first layer's input: the walk makes every later one
     calls: dict[int, Call] = {}
     targets: dict[int, torch.Tensor] = {}
     hooks = []
     for layer, block, attention in decoder_layers(teacher):
 
         def before_block(_, args, kwargs, layer=layer):
-            hidden[layer] = args[0] if args else kwargs["hidden_states"]
+            if not first:
+                first.append((args[0] if args else kwargs["hidden_states"]).detach())
             calls[layer] = (args[1:], _without_cache({k: v for k, v in kwargs.items() if k != "hidden_states"}))
 
         def after_attention(_, args, output, layer=layer):
@@ -60,7 +61,7 @@ def capture_teacher(teacher: torch.nn.Module, batch: torch.Tensor) -> Captured:
     finally:
         for h in hooks:
             h.remove()
-    return Captured(hidden[min(hidden)].detach(), calls, targets)
+    return Captured(first[0], calls, targets)
 
 
 class _Captured(Exception):

@@ -26,7 +26,7 @@ from cimattn.errors import CimattnError
 __all__ = [
     "Adapt", "Buffer", "GainCell", "HardwareConfig", "Leakage", "Noise", "PruneRecompute", "Quantizer", "Scaler",
     "Scorer", "Selection",
-    "list_presets", "load_preset", "preset_yaml",
+    "list_presets", "load_preset", "preset_yaml", "with_changes",
 ]
 
 _PRESETS = resources.files("cimattn.config") / "presets"
@@ -55,6 +55,18 @@ def load_preset(name_or_path: str | Path) -> HardwareConfig:
         loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
         more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
         raise CimattnError(f"preset {origin}: field '{loc}': {err['msg']}{more}") from None
+
+
+def with_changes(config: HardwareConfig, changes: dict) -> HardwareConfig:
+    """`config` with `changes` applied — nested dicts merge into their sections — validated again.
+
+    A value the schema refuses raises pydantic's ValidationError (a ValueError): callers name the context.
+    """
+
+    def merge(base: dict, new: dict) -> dict:
+        return base | {k: merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v for k, v in new.items()}
+
+    return HardwareConfig.model_validate(merge(config.model_dump(), changes))
 
 
 def preset_yaml(config: HardwareConfig) -> str:
