@@ -63,9 +63,10 @@ def test_noise_with_and_without_noise_aware_adaptation(monkeypatch, capsys, tmp_
     assert list(rows) == list(NOISE_LEVELS)
     assert not math.isclose(rows[(0.05, 0.0)]["ppl_plain"], rows[(0.0, 0.0)]["ppl_plain"], rel_tol=1e-4)
     assert not math.isclose(rows[(0.0, 0.2)]["ppl_plain"], rows[(0.0, 0.0)]["ppl_plain"], rel_tol=1e-4)
-    # two different adaptations: the noise-aware one trained with the noisy chip in the loop
+    # the two fine-tuned copies differ: the noise-aware one trained with the noisy chip in the loop
     assert rows[(0.0, 0.0)]["ppl_noise_aware"] != rows[(0.0, 0.0)]["ppl_plain"]
-    assert (tmp_path / "noise" / "noise-aware" / "adapted" / "hardware.safetensors").is_file()
+    for label in ("plain", "noise_aware"):
+        assert (tmp_path / "noise" / label / "adapted" / "hardware.safetensors").is_file()
 
 
 def test_unknown_study_is_one_line(monkeypatch, capsys):
@@ -82,3 +83,18 @@ def test_help(monkeypatch, capsys, command):
     with pytest.raises(SystemExit) as e:
         main()
     assert e.value.code == 0 and "Usage" in capsys.readouterr().out
+
+
+def test_adapted_parameters_bring_their_own_preset(monkeypatch, capsys, tmp_path, tiny_text):
+    """A study of --adapted DIR sweeps the preset DIR was adapted on, whatever --preset says."""
+    preset = tmp_path / "tiny.yaml"
+    preset.write_text(TINY_PRESET + "name: tiny-adapted\n")
+    monkeypatch.setattr(sys, "argv", ["cimattn", "run", "--model", "tiny-llama", "--preset", str(preset), "--out", str(tmp_path / "run"),
+                                      "--text", str(tiny_text), "--eval-tokens", "128", "--context", "64", "--quiet"])
+    with pytest.raises(SystemExit) as e:
+        main()
+    assert e.value.code in (0, None), capsys.readouterr().err
+    record = study(monkeypatch, capsys, tmp_path, tiny_text, "retention", "--context", 64, "--adapted", tmp_path / "run" / "adapted",
+                   "--preset", "leroux-gaincell")
+    assert record["preset"] == "tiny-adapted"
+    assert record["config"]["hardware"]["gaincell"]["window_tokens"] == 64

@@ -6,7 +6,14 @@ One run times, on the CPU and on CUDA when present:
   KV heads and head dim): prefill of T tokens (causal) and decode of one
   query over a cache of L tokens, at each batch size — digital SDPA
   (`torch.nn.functional.scaled_dot_product_attention`) and each hardware
-  attention function with its preset's physics (`ATTENTIONS`);
+  attention function with its preset's physics (`ATTENTIONS`); on CUDA
+  each takes its Triton kernels where they support the call (the automatic
+  dispatch) and `<family>_torch` times the same call on the torch path, for
+  the kernels' share of the gain;
+* on CUDA, a training step of the attention call (mode "train"): forward
+  and backward (the gradients of q, k, v) of a causal prefill of T tokens,
+  digital SDPA beside each family of `TRAINED` (gain-cell: its fused Triton
+  kernels, forward and backward, where they support the call);
 * the whole model (`--model`, converted with each preset): prefill tokens/s
   over a window of `context` tokens and decode tokens/s (one new token over a
   cache of `context` tokens);
@@ -28,6 +35,7 @@ the installed CLI imports it; a recipe can call `run_bench` directly.
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import os
 import platform
@@ -48,6 +56,7 @@ from cimattn.storage import atomic_write_json, git_commit, save_figure, versions
 
 # attention family → the preset whose physics is timed
 ATTENTIONS = {"gaincell": "leroux-gaincell", "prune_recompute": "sprint"}
+TRAINED = ("gaincell",)  # hardware families whose training step is timed on CUDA
 DTYPES = {"cpu": torch.float32, "cuda": torch.bfloat16}  # what each device's digital attention normally runs in
 POINT_BUDGET_S = 8.0  # repeats of one point stop early (at MIN_REPEATS) once they would exceed this
 MIN_REPEATS = 3
@@ -235,33 +244,52 @@ def attention_calls(shape: Shape, mode: str, tokens: int, batch: int, device: st
             function(module, q, k, v, None)
             module.cim.calibrate_to = None
         calls[family] = lambda f=function, m=module: f(m, q, k, v, None)
-    if mode == "prefill" and device == "cuda" and "gaincell" in hardware:
-        calls.update(_kernel_calls(_hardware_module(hardware["gaincell"], shape, device).cim, q, k, v))
+        if device == "cuda":  # the same call on the torch path: the Triton kernel's own share of the gain
+            forced = copy.deepcopy(module)
+            forced.cim.backend = "torch"
+            calls[f"{family}_torch"] = lambda f=function, m=forced: f(m, q, k, v, None)
     return calls
 
 
-def _kernel_calls(cim, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> dict[str, Callable]:
-    """The fused Triton gain-cell forward where it supports the call (until `gaincell_attention` dispatches to it)."""
-    from cimattn.kernels import gaincell_prefill, unsupported
-    from cimattn.physics.quantize import quantize
+def training_calls(shape: Shape, tokens: int, batch: int, device: str, seed: int, hardware: dict) -> dict[str, Callable]:
+    """{attention name: one training step}: forward and backward (dq, dk, dv) of a causal prefill, digital beside `TRAINED`."""
+    from cimattn import attention
 
-    cfg = cim.config
-    if unsupported(cfg, q, k, v, cell=cim.cell) is not None:
-        return {}
+    gen = torch.Generator().manual_seed(seed)
+    dtype = DTYPES[device]
 
-    def call():  # the same work as gaincell_attention: scalers and quantisers, the arrays, the output scaler
-        qq, kq, vq = (quantize(cim.scale(n, x.float()), getattr(cfg, n)) for n, x in (("q", q), ("k", k), ("v", v)))
-        out = cim.scale("out", gaincell_prefill(qq, kq, vq, cfg, cell=cim.cell))
-        return out.to(q.dtype).transpose(1, 2).contiguous()
+    def rand(*size: int) -> torch.Tensor:
+        return torch.randn(*size, generator=gen).to(device, dtype)
 
-    return {"gaincell_triton": call}
+    q = rand(batch, shape.heads, tokens, shape.head_dim).requires_grad_()
+    k, v = (rand(batch, shape.kv_heads, tokens, shape.head_dim).requires_grad_() for _ in range(2))
+    grad = rand(batch, tokens, shape.heads, shape.head_dim)  # (B, T, H, D): the layout attention functions return
+    gqa = shape.kv_heads != shape.heads
+
+    def step(forward: Callable[[], torch.Tensor]) -> Callable:
+        def call():
+            with torch.enable_grad():  # the run times everything else under no_grad
+                return torch.autograd.grad(forward(), (q, k, v), grad)
+
+        return call
+
+    calls = {"digital": step(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa).transpose(1, 2))}
+    for family in (f for f in TRAINED if f in hardware):
+        function, module = getattr(attention, f"{family}_attention"), _hardware_module(hardware[family], shape, device)
+        calls[family] = step(lambda f=function, m=module: f(m, q, k, v, None)[0])
+    return calls
 
 
 def bench_attention(shape: Shape, grid: Grid, device: str, seed: int, hardware: dict, step: Callable[[], None]) -> list[dict]:
     rows = []
     points = [("prefill", t) for t in grid.prefill] + [("decode", t) for t in grid.decode]
+    if device == "cuda":
+        points += [("train", t) for t in grid.prefill]
     for (mode, tokens), batch in ((p, b) for p in points for b in grid.batch):
-        calls = attention_calls(shape, mode, tokens, batch, device, seed, hardware)
+        if mode == "train":
+            calls = training_calls(shape, tokens, batch, device, seed, hardware)
+        else:
+            calls = attention_calls(shape, mode, tokens, batch, device, seed, hardware)
         timed = {}
         for name, call in calls.items():
             timed[name] = time_call(call, device, grid.repeats)
@@ -349,6 +377,8 @@ def run_bench(
     shape = model_shape(model)
     points = (len(grid.prefill) + len(grid.decode)) * len(grid.batch) * (1 + len(hardware))
     total = len(devices()) * (points + (1 + len(hardware) if grid.context else 0))
+    if "cuda" in devices():
+        total += len(grid.prefill) * len(grid.batch) * (1 + len(set(TRAINED) & set(hardware)))
     attention_rows, model_rows = [], []
     with torch.no_grad(), (progress or _no_progress)("bench", total) as step:
         for device in devices():
@@ -417,10 +447,12 @@ def plot(record: dict, path: Path) -> Path:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, mode in zip(axes[:2], ("prefill", "decode")):
-        rows = [r for r in record["attention"] if r["mode"] == mode and r["attention"] != "digital"]
-        for key in sorted({(r["device"], r["attention"], r["batch"]) for r in rows}):
-            line = sorted((r["tokens"], r["time_ratio"]) for r in rows if (r["device"], r["attention"], r["batch"]) == key)
-            ax.plot(*zip(*line), marker="o", label=f"{key[1]} B={key[2]} ({key[0]})")
+        modes = (mode, "train") if mode == "prefill" else (mode,)  # a training step is a prefill forward + backward
+        rows = [r for r in record["attention"] if r["mode"] in modes and r["attention"] != "digital"]
+        for key in sorted({(r["device"], r["attention"], r["batch"], r["mode"]) for r in rows}):
+            line = sorted((r["tokens"], r["time_ratio"]) for r in rows if (r["device"], r["attention"], r["batch"], r["mode"]) == key)
+            step = " fwd+bwd" if key[3] == "train" else ""
+            ax.plot(*zip(*line), marker="o", label=f"{key[1]}{step} B={key[2]} ({key[0]})")
         ax.axhline(1.0, color="grey", lw=0.8, ls="--")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")

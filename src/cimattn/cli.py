@@ -210,9 +210,9 @@ def lm_eval(
 def study(
     name: Annotated[str, typer.Argument(help="retention | context | noise")],
     model: Model = "smollm2-135m",
-    preset: Preset = "leroux-gaincell",
+    preset: Preset = "gaincell-normalized",
     out: Annotated[Path | None, typer.Option(help="Study directory (study.json, study.png, study.md); default runs/study-NAME.")] = None,
-    adapted: Annotated[Path | None, typer.Option(help="Start from a run's adapted/ directory instead of adapting.")] = None,
+    adapted: Annotated[Path | None, typer.Option(help="Start from a run's adapted/ directory (and its preset) instead of adapting.")] = None,
     budget: Annotated[float, typer.Option(min=0, help="Wall-clock seconds of each adaptation.")] = 120.0,
     text: Text = None,
     eval_tokens: Annotated[int, typer.Option(min=2, help="Tokens scored per point (retention, noise).")] = 1024,

@@ -46,6 +46,7 @@ class Method:
     rule: str
     scorer: dict = field(default_factory=dict)
     note: str = ""
+    selection: dict = field(default_factory=dict)  # other selection fields
 
 
 METHODS: dict[str, Method] = {
@@ -58,6 +59,10 @@ METHODS: dict[str, Method] = {
     "sprint-relative": Method("sprint", "relative", {}, "ReRAM scorer, margin below the row maximum (max-tracking variant)"),
     "sprint-topk": Method("sprint", "keep_rate", {}, "ReRAM scorer, top ceil(rate·n) per query (a sorter, not a comparator)"),
     "oracle-relative": Method("sprint", "relative", {"kind": "exact"}, "exact q·k, margin below the row maximum"),
+    "sprint-layer": Method("sprint", "threshold", {}, "ReRAM scorer, comparator vs one threshold per layer (heads share it)",
+                           {"calibrate_per": "layer"}),
+    "sprint-relative-layer": Method("sprint", "relative", {}, "ReRAM scorer, one margin below the row maximum per layer",
+                                    {"calibrate_per": "layer"}),
     "sprint-noisy": Method(
         "sprint", "threshold", {"variation_std": 0.05, "comparator_offset_std": 0.01, "read_noise_std": 0.01},
         "ReRAM scorer with 5 % cell variation, 1 % comparator offset and read noise (ours, not sourced: a sensitivity point)",
@@ -72,7 +77,7 @@ def method_config(name: str, keep_rate: float, seed: int = 0) -> HardwareConfig:
     m = METHODS[name]
     changes = {
         "name": f"{name}@{keep_rate:g}",
-        "prune_recompute": {"scorer": {**m.scorer, "seed": seed}, "selection": {"rule": m.rule, "keep_rate": keep_rate, "threshold": None}},
+        "prune_recompute": {"scorer": {**m.scorer, "seed": seed}, "selection": {"rule": m.rule, "keep_rate": keep_rate, "threshold": None, **m.selection}},
     }
     try:
         return with_changes(load_preset(m.preset), changes)
@@ -114,7 +119,7 @@ def run_prune_study(
         "settings": settings, "settings_hash": digest, "git_commit": git_commit(), "versions": versions(),
         "ppl_digital": previous.get("ppl_digital") if reuse else None,
         "rows": [r for r in previous.get("rows", []) if reuse],
-        "methods": {name: asdict(METHODS[name]) for name in methods},
+        "methods": {**(previous.get("methods", {}) if reuse else {}), **{name: asdict(METHODS[name]) for name in methods}},
     }
     done = {(r["method"], r["target_keep_rate"]) for r in record["rows"]}
 

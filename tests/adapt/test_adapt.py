@@ -242,3 +242,38 @@ def test_initialization_cut_by_the_budget_keeps_its_best_scalers(monkeypatch):
     stats = measure(student, batch)
     now = max(torch.maximum((mu - far[k][0]).abs(), (sd - far[k][1]).abs()).max().item() for k, (mu, sd) in stats.items())
     assert now == pytest.approx(min(history), rel=1e-5)
+
+
+def test_skipped_stages_do_not_run(tmp_path, monkeypatch):
+    """`adapt.skip`: no fine-tuning of the linear model and no initialization algorithm; the nonlinear model is still measured."""
+    import cimattn.adapt as adapt
+
+    stages, labels = [], []
+    monkeypatch.setattr(adapt.distill, "distill", lambda *a, stage, **k: stages.append(stage) or [1.0])
+    monkeypatch.setattr(adapt, "initialize", lambda *a, **k: stages.append("iteration") or [0.0])
+    hw = hardware(finetune_steps=2, skip=["linear_finetune", "init"])
+    student, teacher = pair(hw)
+    metrics = adapt_model(student, teacher, ids(), hw, budget_s=None, context=32, checkpoint_dir=tmp_path, progress=no_progress,
+                          evaluate=lambda label: labels.append(label) or 1.0)
+    assert stages == ["iteration", "finetune"]  # the linear model's calibration iteration only, then the end-to-end stage
+    assert labels == ["linear cell, adapted", "nonlinear cell, linear model's parameters", "layer-wise distillation"]
+    assert "ppl_hardware_initialized" in metrics and "init_error" not in metrics["history"]
+    assert student.model.layers[0].self_attn.cim.cell == "nonlinear"
+
+
+def test_budget_is_planned_from_the_steps_after_the_first(tmp_path, monkeypatch):
+    """A first step slowed by one-off set-up does not shrink the plan: 20 s at 10 s then 1 s per step is 11 steps, not 2."""
+    clock = [0.0]
+    real_kl = distill_module.kl_loss
+
+    def slow_first_kl(*args):
+        clock[0] += 10.0 if clock[0] == 0.0 else 1.0
+        return real_kl(*args)
+
+    monkeypatch.setattr(distill_module.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(distill_module, "kl_loss", slow_first_kl)
+    hw = hardware()
+    student, teacher = pair(hw)
+    losses = distill(student, teacher, ids(), hw.adapt, stage="finetune", parameters=trainable_parameters(student, "scalers"),
+                     steps=None, budget_s=20.0, checkpoint_dir=tmp_path, seed=0, progress=no_progress)
+    assert len(losses) == 3 + 8  # planned after 3 steps (12 s): 8 s left at 1 s per step

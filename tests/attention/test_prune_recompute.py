@@ -127,6 +127,23 @@ def test_calibration_reaches_the_target_keep_rate(rule):
     assert tel.summary()["keep_rate"] == pytest.approx(0.2, abs=0.01)
 
 
+@pytest.mark.parametrize("rule", ["threshold", "relative"])
+def test_layer_calibration_shares_one_threshold_and_lets_heads_differ(rule):
+    """calibrate_per: layer — one threshold for all heads; the layer keeps the target, a flat-attention head keeps more."""
+    q, k, v = inputs(t=128, s=128)
+    q[:, 0] *= 0.05  # head 0 attends almost uniformly: its scores barely spread
+    m = make(PruneRecompute(scorer=Scorer(kind="exact"), selection=Selection(rule=rule, keep_rate=0.2, calibrate_per="layer")))
+    m.cim.calibrate_to = 0.2
+    attend(m, q, k, v)
+    m.cim.calibrate_to = None
+    assert (m.cim.threshold == m.cim.threshold[0]).all()
+    m.cim.telemetry = tel = PruneTelemetry()
+    attend(m, q, k, v)
+    assert tel.summary()["keep_rate"] == pytest.approx(0.2, abs=0.01)
+    kept = tel.layers[0].kept.double()
+    assert kept.max() > 1.5 * kept.min()  # per head, the keep rates differ (per-head calibration equalises them)
+
+
 def test_fixed_threshold_is_a_comparator_on_logits():
     q, k, v = inputs(b=1, heads=2, kv_heads=2, t=16, s=16, dtype=torch.float64)
     sel = Selection(rule="threshold", threshold=0.4, recent_tokens=0, sink_tokens=0)

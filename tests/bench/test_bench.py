@@ -32,7 +32,7 @@ def test_every_point_has_every_attention_beside_digital(record):
     assert points == {("prefill", 32, 1), ("prefill", 32, 2), ("decode", 48, 1), ("decode", 48, 2)}
     for point in points:
         rows = {r["attention"]: r for r in rec["attention"] if (r["mode"], r["tokens"], r["batch"]) == point}
-        assert names <= set(rows) <= names | {"gaincell_triton"}  # the Triton kernel joins on CUDA
+        assert names <= set(rows) <= names | {f"{family}_torch" for family in ATTENTIONS}  # the torch paths join on CUDA
         base = rows["digital"]["median_s"]
         for r in rows.values():
             assert r["median_s"] > 0 and r["min_s"] <= r["median_s"] and r["peak_bytes"] >= 0
@@ -103,3 +103,16 @@ def test_cli_writes_bench_json(monkeypatch, capsys, tmp_path):
     rec = json.loads((tmp_path / "bench.json").read_text())
     assert {r["attention"] for r in rec["attention"] if r["device"] == "cpu"} == {"digital", *ATTENTIONS}
     assert rec["model_throughput"] == []
+
+
+def test_training_step_calls_give_the_gradients_of_q_k_v():
+    """The CUDA-only training-step point (mode "train"), exercised on the CPU: digital and gain-cell forward + backward."""
+    from cimattn.bench import Shape, hardware_presets, training_calls
+
+    hardware, _ = hardware_presets()
+    calls = training_calls(Shape(heads=4, kv_heads=2, head_dim=16), 24, 2, "cpu", 0, hardware)
+    assert set(calls) == {"digital", "gaincell"}
+    for name, call in calls.items():
+        dq, dk, dv = call()
+        assert dq.shape == (2, 4, 24, 16) and dk.shape == dv.shape == (2, 2, 24, 16), name
+        assert all(g.abs().sum() > 0 for g in (dq, dk, dv)), name

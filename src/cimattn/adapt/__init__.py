@@ -12,7 +12,10 @@ Stages, each resumable from the adapted directory:
             teacher's attention output from the input the adapted layers
             before it produce (ours, cheap: no logits, one layer per step).
   finetune  end-to-end distillation fine-tuning (the paper's step 3).
-A preset whose cell is linear skips the linear fine-tuning and `init`.
+A preset whose cell is linear skips the linear fine-tuning and `init`;
+`Adapt.skip` names other stages not to run (the nonlinear model is still
+measured where `init` would have ended, and the budget shares of skipped
+stages go to the later ones).
 """
 
 from __future__ import annotations
@@ -115,8 +118,12 @@ def adapt_model(
         with progress("calibrate (linear cell)", total=recipe.init_iterations) as advance:
             calib = initialize(model, batch, targets, iterations=recipe.init_iterations,
                                tolerance=recipe.init_tolerance, deadline=deadline(), progress=advance)
-        losses = finetune("linear", remaining(LINEAR_BUDGET_SHARE)) if final_cell == "nonlinear" else []
+        tune = final_cell == "nonlinear" and "linear_finetune" not in recipe.skip
+        losses = finetune("linear", remaining(LINEAR_BUDGET_SHARE)) if tune else []
         state = finish("linear", "linear", calibration_error=calib, linear_loss=losses, ppl_linear_adapted=measured("linear cell, adapted"))
+    if final_cell == "nonlinear" and "init" in recipe.skip and not state.get("init"):
+        set_cell(model, "nonlinear")
+        state = finish("init", "nonlinear", ppl_hardware_initialized=measured("nonlinear cell, linear model's parameters"))
     if final_cell == "nonlinear" and not state.get("init"):
         targets = measure_targets(model, list(batch.split(1)))
         set_cell(model, "nonlinear")
@@ -124,6 +131,8 @@ def adapt_model(
             init = initialize(model, batch, targets, iterations=recipe.init_iterations, tolerance=recipe.init_tolerance,
                               deadline=deadline(), progress=advance)
         state = finish("init", "nonlinear", init_error=init, ppl_hardware_initialized=measured("initialization algorithm"))
+    if "layerwise" in recipe.skip and not state.get("layerwise"):
+        state = finish("layerwise", final_cell)
     if not state.get("layerwise"):
         captured = layerwise.capture_teacher(teacher, batch)
         steps = state.get("layerwise_steps")
@@ -136,7 +145,8 @@ def adapt_model(
         entries = {"layerwise_error": [last for _, last in errors], "ppl_hardware_layerwise": measured("layer-wise distillation")} if errors else {}
         state = finish("layerwise", final_cell, **entries)
     if not state.get("finetune"):
-        state = finish("finetune", final_cell, finetune_loss=finetune("finetune", remaining(1.0)))
+        losses = [] if "finetune" in recipe.skip else finetune("finetune", remaining(1.0))
+        state = finish("finetune", final_cell, finetune_loss=losses)
     state = checkpoint.update_state(checkpoint_dir, done=True)
     return _result(state)
 

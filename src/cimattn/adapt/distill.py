@@ -22,6 +22,7 @@ from cimattn.adapt import checkpoint
 from cimattn.config import Adapt
 
 CHECKPOINT_EVERY_S = 30.0  # wall-clock between checkpoints: bounds the work a kill loses
+PLAN_AFTER_STEPS = 3  # a budget becomes a step count from the steps after the first (which pays one-off set-up costs)
 
 
 def sample_windows(ids: torch.Tensor, batch: int, context: int, seed: int, step: int) -> torch.Tensor:
@@ -56,8 +57,8 @@ def distill(
     """Fine-tune `parameters` (name → parameter of `student`) for `steps`, or as many as `budget_s` allows.
 
     Returns the loss of every step.  With a budget, the step count is planned
-    once from the first step's time and checkpointed, so a resumed run does
-    the same number of steps.
+    once, after PLAN_AFTER_STEPS steps, from their pace, and checkpointed, so
+    a resumed run does the same number of steps.
     """
     from accelerate import Accelerator
 
@@ -76,7 +77,8 @@ def distill(
         step, losses, planned = done["step"], done["losses"], done["planned_steps"]
 
     student.train()
-    last_save = time.perf_counter()
+    last_save = started = time.perf_counter()
+    first_step_s = 0.0
     with progress(f"fine-tune: {stage}", total=planned) as advance:
         advance(step)
         while planned is None or step < planned:
@@ -94,9 +96,13 @@ def distill(
             losses.append(loss.item())
             step += 1
             advance(1)
-            if planned is None:  # plan from the first step's time, once
-                planned = max(1, int((budget_s or 0.0) / max(time.perf_counter() - t0, 1e-6)))
-            if step >= planned or time.perf_counter() - last_save > CHECKPOINT_EVERY_S:
+            if step == 1:
+                first_step_s = time.perf_counter() - t0
+            if planned is None and (step == PLAN_AFTER_STEPS or time.perf_counter() - started >= (budget_s or 0.0)):
+                # once: the budget left at the planned pace of the steps after the first (the first alone if it used the budget)
+                pace = (time.perf_counter() - started - first_step_s) / (step - 1) if step > 1 else first_step_s
+                planned = step + max(0, int(((budget_s or 0.0) - (time.perf_counter() - started)) / max(pace, 1e-6)))
+            if (planned is not None and step >= planned) or time.perf_counter() - last_save > CHECKPOINT_EVERY_S:
                 params = {k: p.detach() for k, p in parameters.items()}
                 done = {"step": step, "planned_steps": planned, "losses": losses}
                 checkpoint.save_training(checkpoint_dir, stage, params, optimizer, done)

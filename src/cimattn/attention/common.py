@@ -7,8 +7,30 @@ stored token and the T queries are the last T positions.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers.masking_utils import sdpa_mask
+
+from cimattn.errors import CimattnError
+
+# where a hardware attention's heavy part runs: "auto" = its Triton kernel on CUDA when the kernel
+# supports the call, else the torch reference; "triton" = always (an error names what the call lacks); "torch"
+BACKENDS = ("auto", "triton", "torch")
+
+
+def use_kernel(backend: str, on_cuda: bool, unsupported: Callable[[], str | None]) -> bool:
+    """Whether a call takes the Triton kernel, for a module's `backend` (see BACKENDS)."""
+    if backend not in BACKENDS:
+        raise CimattnError(f"attention backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return False
+    if backend == "triton":
+        reason = unsupported()
+        if reason is not None:
+            raise CimattnError(f"attention backend 'triton': {reason}")
+        return True
+    return on_cuda and unsupported() is None
 
 
 def boolean_mask(*args, **kwargs) -> torch.Tensor | None:

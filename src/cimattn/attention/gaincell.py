@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimattn import kernels
-from cimattn.attention.common import keep_mask
+from cimattn.attention.common import keep_mask, use_kernel
 from cimattn.config.schema import GainCell, Scaler
 from cimattn.errors import CimattnError
 from cimattn.physics.gaincell import (
@@ -140,6 +140,7 @@ class GainCellParams(nn.Module):
         v_columns = head_dim + 1 if config.normalize else head_dim  # + the all-ones ΣA column
         self.register_buffer("k_gain", variability_gain((n_kv_heads, config.window_tokens, head_dim), config, chip), persistent=False)
         self.register_buffer("v_gain", variability_gain((n_kv_heads, config.window_tokens, v_columns), config, chip), persistent=False)
+        self.backend = "auto"  # where the arrays are simulated: common.BACKENDS (the fused Triton kernels or the torch path)
         self.record_stats = False
         self.fit_targets: dict[str, Moments] | None = None
         self.stats: dict[str, Moments] = {}
@@ -221,8 +222,8 @@ def gaincell_attention(
     k = quantize(cim.scale("k", key.to(dtype)), cfg.k)  # (B, Hkv, S, D) stored voltages
     v = quantize(cim.scale("v", value.to(dtype)), cfg.v)
     keep = keep_mask(attention_mask, query, key, cfg.window_tokens)  # (B or 1, 1, T, S)
-    if q.is_cuda and kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets) is None:
-        summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell).to(dtype)  # the fused Triton forward
+    if use_kernel(cim.backend, q.is_cuda, lambda: kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets)):
+        summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell).to(dtype)  # the fused Triton kernels, forward and backward
     else:
         summed = _attend_blocks(cim, q, k, v, keep, offsets)
     out = cim.scale("out", summed)  # (B, H, T, D)

@@ -39,9 +39,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from cimattn.attention.common import expand_kv, keep_mask, positions
+from cimattn.attention.common import expand_kv, keep_mask, positions, use_kernel
 from cimattn.config.schema import ANALOG_SCORERS, PruneRecompute
 from cimattn.errors import CimattnError
+from cimattn.kernels import sparse as sparse_kernel
 from cimattn.physics.scoring import (
     RANDOM_STREAM,
     analog_scores,
@@ -51,6 +52,7 @@ from cimattn.physics.scoring import (
     soft_comparator,
 )
 
+EXACT_SCORERS = ("exact", "h2o")  # scorers that rank keys by the exact logits of every visible key
 SCORE_ELEMENTS_PER_BLOCK = 1 << 24  # queries run in blocks whose (B, H, Tb, S) scores stay below this (64 MiB in fp32)
 H2O_RECENT_SHARE = 0.5  # H2O (Zhang et al., NeurIPS 2023) splits its budget evenly: heavy hitters and recent tokens
 KIB = 1024  # bytes
@@ -64,6 +66,10 @@ class PruneRecomputeParams(nn.Module):
     the query DAC's and the stored keys' full scale.  NaN = not calibrated.
     `calibrate_to`, when set to a keep rate, makes the next forward fit all
     three to its own inputs before selecting (see cimattn.adapt.thresholds).
+    `backend` picks where the exact recompute runs (`common.BACKENDS`: the
+    sparse Triton kernel on CUDA when `cimattn.kernels.sparse.unsupported`
+    allows the call, else torch).  A soft mask (learning thresholds) always
+    takes torch.
     """
 
     def __init__(self, config: PruneRecompute, n_heads: int, n_kv_heads: int, head_dim: int, layer_idx: int = 0):
@@ -79,6 +85,7 @@ class PruneRecomputeParams(nn.Module):
         self.calibrate_to: float | None = None
         self.soft_temperature: float | None = None  # set while learning thresholds: the comparator becomes a sigmoid
         self.soft_kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # while learning: (kept pairs, visible pairs) per block
+        self.backend = "auto"
         self.telemetry: PruneTelemetry | None = None
 
     @property
@@ -131,27 +138,34 @@ def prune_recompute_attention(
     else:
         block = max(1, min(t, SCORE_ELEMENTS_PER_BLOCK // (b * h * s)))
     ranges = (_range(cim.q_full_scale, q), _range(cim.k_full_scale, k))  # one range per call, whatever the blocks
-    k_all, v_all = expand_kv(k, groups), expand_kv(v, groups)  # (B, H, S, D)
-    q_scaled = q * scaling  # logits straight from the matmul
+    # hard masks: the sparse Triton recompute
+    kernel = cim.soft_temperature is None and use_kernel(cim.backend, query.is_cuda, lambda: sparse_kernel.unsupported(query, key, value))
+    exact_needed = not kernel or cim.config.scorer.kind in EXACT_SCORERS  # else the kernel computes the kept logits only
+    k_all = expand_kv(k, groups) if exact_needed else None  # (B, H, S, D)
+    v_all = None if kernel else expand_kv(v, groups)
+    q_scaled = q * scaling if exact_needed else None  # logits straight from the matmul
     received = torch.zeros(b, h, s, dtype=dtype, device=q.device) if cim.config.scorer.kind == "h2o" else None
     outs = []
     for lo in range(0, t, block):
         hi = min(t, lo + block)
         end = s - t + hi  # keys after the block's last query
-        exact = torch.matmul(q_scaled[:, :, lo:hi], k_all[:, :, :end].transpose(-1, -2))  # (B, H, Tb, Sb) logits
+        exact = torch.matmul(q_scaled[:, :, lo:hi], k_all[:, :, :end].transpose(-1, -2)) if exact_needed else None  # (B, H, Tb, Sb) logits
         vis = visible[..., lo:hi, :end]
         keep = select_keys(cim, q[:, :, lo:hi], k[:, :, :end], exact, vis, scaling, ranges, received)  # (B, H, Tb, Sb)
-        if keep.dtype == torch.bool:
-            logits = torch.where(keep, exact, float("-inf"))
-        else:  # learning thresholds: the soft mask weighs each key's softmax term
+        if keep.dtype != torch.bool:  # learning thresholds: the soft mask weighs each key's softmax term
             logits = torch.where(vis, exact + keep.clamp_min(torch.finfo(dtype).tiny).log(), float("-inf"))
             soft = (keep * vis).sum()
             keep = keep > 0.5
             cim.soft_kept.append((soft + ((keep & vis).sum() - soft).detach(), vis.expand_as(keep).sum()))  # hard count, soft gradient
+        elif not kernel:
+            logits = torch.where(keep, exact, float("-inf"))
         if cim.telemetry is not None:
             cim.telemetry.record(cim, keep, vis)
+        if kernel:  # visits only the key blocks that hold kept keys
+            outs.append(sparse_kernel.sparse_attention(query[:, :, lo:hi], key[:, :, :end], value[:, :, :end], keep, scaling).to(dtype))
+            continue
         probs = torch.softmax(logits, dim=-1)
-        if not vis.any(-1).all():  # a query that sees no key (padding) attends to nothing
+        if not keep.any(-1).all():  # a query that keeps no key (padding) attends to nothing
             probs = probs.nan_to_num(0.0)
         outs.append(torch.matmul(probs, v_all[:, :, :end]))  # (B, H, Tb, D)
     out = torch.cat(outs, dim=2).to(query.dtype)  # (B, H, T, D)
@@ -162,7 +176,7 @@ def select_keys(
     cim: PruneRecomputeParams,
     q: torch.Tensor,
     k: torch.Tensor,
-    exact: torch.Tensor,
+    exact: torch.Tensor | None,
     visible: torch.Tensor,
     scaling: float,
     ranges: tuple[torch.Tensor, torch.Tensor],
@@ -174,7 +188,8 @@ def select_keys(
     it is instead a soft mask in [0, 1], differentiable in the thresholds.
 
     q (B, H, T, D) are the last T positions of k (B, Hkv, S, D); exact (B, H, T, S)
-    the exact logits; visible (B or 1, 1, T, S); ranges the query-DAC (H,) and
+    the exact logits (may be None unless the scorer is in EXACT_SCORERS);
+    visible (B or 1, 1, T, S); ranges the query-DAC (H,) and
     key (Hkv,) full scales; received (B, H, ≥S), h2o only: the attention each
     key received from the queries before q, updated in place.
     """
@@ -309,7 +324,7 @@ def _calibrate_ranges(cim: PruneRecomputeParams, q: torch.Tensor, k: torch.Tenso
 
 @torch.no_grad()
 def _calibrate_threshold(cim, seen, reference, visible, always, target: float) -> None:
-    """Set each head's threshold so that, on these inputs, `target` of the visible keys are kept.
+    """Set each head's threshold (or the layer's, shared by its heads) so that, on these inputs, `target` of the visible keys are kept.
 
     Always-kept keys count toward the target; the rest of it is filled by the
     highest comparator inputs: the threshold is the matching order statistic.
@@ -317,20 +332,23 @@ def _calibrate_threshold(cim, seen, reference, visible, always, target: float) -
     candidates = (visible & ~always).expand_as(seen)
     n_visible = visible.expand_as(seen).sum(dim=(0, 2, 3)).double()  # (H,)
     n_always = (always & visible).expand_as(seen).sum(dim=(0, 2, 3)).double()
-    for head in range(seen.shape[1]):
-        values = seen[:, head][candidates[:, head]]
-        if reference is not None:
-            values = (reference[:, head].expand_as(seen[:, head])[candidates[:, head]] - values)  # margins below the max
-        wanted = round(float(target * n_visible[head] - n_always[head]))
+    if reference is not None:
+        seen = reference.expand_as(seen) - seen  # margins below the row maximum
+    groups = [slice(h, h + 1) for h in range(seen.shape[1])]
+    if cim.config.selection.calibrate_per == "layer":  # one order statistic over all heads' candidates
+        groups = [slice(None)]
+    for heads in groups:
+        values = seen[:, heads][candidates[:, heads]]
+        wanted = round(float(target * n_visible[heads].sum() - n_always[heads].sum()))
         n = values.numel()
         if wanted <= 0 or n == 0:
-            cim.threshold[head] = -math.inf if reference is not None else math.inf
+            cim.threshold[heads] = -math.inf if reference is not None else math.inf
         elif wanted >= n:
-            cim.threshold[head] = math.inf if reference is not None else -math.inf
+            cim.threshold[heads] = math.inf if reference is not None else -math.inf
         elif reference is not None:  # keep margins ≤ the wanted-th smallest
-            cim.threshold[head] = values.kthvalue(wanted).values
+            cim.threshold[heads] = values.kthvalue(wanted).values
         else:  # keep inputs > the (n − wanted)-th smallest
-            cim.threshold[head] = values.kthvalue(n - wanted).values
+            cim.threshold[heads] = values.kthvalue(n - wanted).values
 
 
 def _params_of(module: nn.Module, query: torch.Tensor, key: torch.Tensor) -> PruneRecomputeParams:

@@ -253,6 +253,10 @@ class Selection(Strict):
         None, "logits", SPRINT + ": a learned per-layer threshold (uncertain)",
         "fixed threshold (threshold rule) or margin below the row maximum (relative rule) for every head; null = calibrated",
     )
+    calibrate_per: Literal["head", "layer"] = Field(
+        "head", description="calibrated thresholds: one per head (every head keeps keep_rate) or one per layer shared by its "
+        "heads (ours: heads with flat attention keep more keys, sharp ones fewer; the layer keeps keep_rate)",
+    )
     current: bool = Field(True, description="always keep the query's own token")
     recent_tokens: int = field(3, "tokens", "ours (issue 6's quick measurement)", "always keep this many tokens before the query", ge=0)
     sink_tokens: int = field(1, "tokens", "ours (issue 6's quick measurement)", "always keep the first tokens of the sequence (attention sinks)", ge=0)
@@ -321,6 +325,10 @@ class Adapt(Strict):
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up [steps]")
     batch_size: int = Field(1, ge=1, description="sequences per step [1]")
     train: Literal["scalers", "attention", "all"] = Field("scalers", description="which parameters fine-tuning trains")
+    skip: list[Literal["linear_finetune", "init", "layerwise", "finetune"]] = Field(
+        [], description="stages not run (their budget share goes to the later ones): the linear model's fine-tuning, "
+        "the initialization algorithm, layer-wise distillation, end-to-end fine-tuning",
+    )
 
 
 class HardwareConfig(Strict):

@@ -4,5 +4,6 @@ Importing this package never needs Triton: the kernels are imported when first l
 """
 
 from cimattn.kernels.gaincell import gaincell_prefill, triton_available, unsupported
+from cimattn.kernels.sparse import kept_blocks as kept_blocks, sparse_attention as sparse_attention  # its unsupported(): kernels.sparse
 
 __all__ = ["gaincell_prefill", "triton_available", "unsupported"]

@@ -1,10 +1,13 @@
-"""Fused gain-cell attention forward for prefill (Triton); the torch reference is `cimattn.attention.gaincell`.
+"""Fused gain-cell attention for prefill (Triton), forward and backward; the torch reference is `cimattn.attention.gaincell`.
 
 `gaincell_prefill` computes what `_attend_block` of the reference computes
 for every query of an unpadded prompt, in one kernel launch: the digital sum
-of the per-array A·V read-outs, before the output scaler.  `unsupported`
-says, in one line, why a call cannot take the kernel (None when it can), so
-the attention function can fall back to the torch path.
+of the per-array A·V read-outs (divided by the ΣA column's with
+`normalize`), before the output scaler.  It is differentiable: a
+`torch.autograd.Function` whose backward runs two Triton kernels (dq; dk and
+dv) and gives the gradients torch autograd gives through the reference.
+`unsupported` says, in one line, why a call cannot take the kernel (None
+when it can), so the attention function can fall back to the torch path.
 """
 
 from __future__ import annotations
@@ -19,6 +22,10 @@ from cimattn.physics.quantize import grid_anchor
 
 BLOCK_M = 64  # queries per program: one array's worth of keys per step, as on the chip
 MIN_DOT = 16  # tl.dot needs every block dimension ≥ 16
+# Warps per program.  Not timed (no GPU yet): sm_90 code compiled ahead of time on a CPU (triton 3.9, 64 × 64 blocks,
+# ieee dots) has ~27k local-memory spill instructions in the forward with 4 warps, ~1.2k with 8; the backward kernels
+# 13–29k in every block/warp setting tried (2.3–2.7k with tf32x3 dots), so a GPU session should time `precision` and this.
+NUM_WARPS = 8
 
 
 def triton_available() -> bool:
@@ -29,7 +36,7 @@ def triton_available() -> bool:
     return True
 
 
-def _interpreting() -> bool:
+def interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
@@ -52,7 +59,7 @@ def unsupported(
     """
     if not triton_available():
         return "triton is not installed (pip install triton)"
-    if not (q.is_cuda or _interpreting()):
+    if not (q.is_cuda or interpreting()):
         return f"tensors on {q.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tests)"
     if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
         return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, T, D) and equal (B, Hkv, S, D)"
@@ -61,8 +68,6 @@ def unsupported(
         return f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (batch, head dim, heads a multiple of KV heads)"
     if k.shape[2] != t:
         return f"{k.shape[2]} keys for {t} queries: the kernel covers prefill without a cache (decode takes the torch path)"
-    if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
-        return "inputs require grad: the kernel has no backward yet (training takes the torch path)"
     tpa = cfg.tokens_per_array
     if tpa < MIN_DOT or tpa & (tpa - 1):
         return f"gaincell.tokens_per_array = {tpa}: the kernel needs a power of two ≥ {MIN_DOT}"
@@ -70,8 +75,6 @@ def unsupported(
         return f"head dim {d}: the kernel holds a head in registers, at most 256"
     if cfg.noise.read_std or cfg.noise.cell_variability_std:
         return "gaincell.noise: read noise and cell variability take the torch path"
-    if cfg.normalize:
-        return "gaincell.normalize: the ΣA column takes the torch path"
     if offsets is not None and bool(offsets.any()):
         return "position ids do not start at 0 (ring offsets): the torch path places the tokens"
     if keep is not None and not torch.equal(keep.expand(b, 1, t, t), _causal_window(t, cfg.window_tokens, keep.device).expand(b, 1, t, t)):
@@ -107,31 +110,93 @@ def gaincell_prefill(
     than the window (ring-buffer laps share an array before its read-out);
     `cell` "linear" or "nonlinear" (default cfg.cell), leakage on or off,
     any score scale / offset, A·V tile scale and av_out quantiser (levels or
-    none); tokens_per_array a power of two ≥ 16; no read noise, no cell
-    variability, normalize off; forward only (no autograd).  Arithmetic is
-    fp32 whatever the input dtype; `precision` is tl.dot's input precision:
-    "ieee" (default: exact fp32, the accuracy the tests hold) or, on GPUs,
-    "tf32x3" / "tf32" (tensor cores, less accurate; not validated yet).
+    none), `normalize` on or off; tokens_per_array a power of two ≥ 16; no
+    read noise, no cell variability.
+
+    Differentiable in q, k, v: the backward gives the reference's autograd
+    gradients — HardSigmoid clamp, the read-out ADC's straight-through clamp
+    gradient, the ΣA division, and for the nonlinear cell the polynomial's
+    own derivative (`cell_gradient: exact`) or the linear cell's (`linear`,
+    the surrogate).  Arithmetic is fp32 whatever the input dtype (gradients
+    come back in the inputs' dtypes); `precision` is tl.dot's input
+    precision: "ieee" (default: exact fp32, the accuracy the tests hold) or,
+    on GPUs, "tf32x3" / "tf32" (tensor cores, less accurate; not validated yet).
     """
     reason = unsupported(cfg, q, k, v, cell=cell)
     if reason is not None:
         raise CimattnError(f"gain-cell Triton kernel: {reason}")
-    from cimattn.kernels.triton_gaincell import gaincell_prefill_fwd
+    return _GainCellPrefill.apply(q, k, v, _Launch(cfg, cell or cfg.cell, block_m, precision))
 
-    kind = cell or cfg.cell
-    b, h, t, d = q.shape
-    out = torch.empty((b, h, t, d), dtype=torch.float32, device=q.device)
-    c = cfg.cell_polynomial()
-    av = cfg.av_out
-    block_d = max(MIN_DOT, 1 << (d - 1).bit_length())
-    grid = (-(-t // block_m), b * h)
-    gaincell_prefill_fwd[grid](
-        q, k, v, out,
-        *q.stride(), *k.stride(), *v.stride(), *out.stride(),
-        h, t, d, h // k.shape[1], cfg.window_tokens, cfg.window_tokens // cfg.tokens_per_array,
-        c[0], c[1], c[2], c[3], cfg.linear_slope, cfg.y_mid, cfg.score_scale, cfg.score_offset, cfg.leakage.rate_per_token,
-        cfg.av_tile_scale, av.low, av.high, av.step if av.levels is not None else 1.0, grid_anchor(av),
-        NONLINEAR=kind == "nonlinear", LEAK=cfg.leakage.rate_per_token > 0.0, AV_LEVELS=av.levels is not None,
-        BLOCK_M=block_m, TPA=cfg.tokens_per_array, BLOCK_D=block_d, DOT_PRECISION=precision,
-    )
-    return out
+
+class _Launch:
+    """What every kernel of one call shares: shapes aside, the physics as kernel arguments."""
+
+    def __init__(self, cfg: GainCell, kind: str, block_m: int, precision: str):
+        self.cfg, self.block_m, self.precision = cfg, block_m, precision
+        c = cfg.cell_polynomial()
+        self.physics = (
+            c[0], c[1], c[2], c[3], cfg.linear_slope, cfg.y_mid, cfg.v.high - cfg.y_mid,  # u of the all-ones column
+            cfg.score_scale, cfg.score_offset, cfg.leakage.rate_per_token,
+        )
+        self.flags = {"NONLINEAR": kind == "nonlinear", "LEAK": cfg.leakage.rate_per_token > 0.0, "NORMALIZE": cfg.normalize}
+        self.grad_poly = kind == "nonlinear" and cfg.cell_gradient == "exact"  # else the linear cell's gradient
+
+    def shape(self, q: torch.Tensor, k: torch.Tensor) -> tuple:
+        """H, T, D, GROUPS (query heads per KV head), W, N_TILES (arrays per window)."""
+        _, h, t, d = q.shape
+        return (h, t, d, h // k.shape[1], self.cfg.window_tokens, self.cfg.window_tokens // self.cfg.tokens_per_array)
+
+    def blocks(self, d: int) -> dict:
+        block_d = max(MIN_DOT, 1 << (d - 1).bit_length())
+        return {"BLOCK_M": self.block_m, "TPA": self.cfg.tokens_per_array, "BLOCK_D": block_d, "DOT_PRECISION": self.precision}
+
+
+class _GainCellPrefill(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: _Launch) -> torch.Tensor:
+        from cimattn.kernels.triton_gaincell import gaincell_prefill_fwd
+
+        b, h, t, d = q.shape
+        out = torch.empty((b, h, t, d), dtype=torch.float32, device=q.device)
+        den = torch.empty((b, h, t) if launch.cfg.normalize else (1,), dtype=torch.float32, device=q.device)  # ΣA read-out
+        av = launch.cfg.av_out
+        gaincell_prefill_fwd[(-(-t // launch.block_m), b * h)](
+            q, k, v, out, den,
+            *q.stride(), *k.stride(), *v.stride(), *out.stride(),
+            *launch.shape(q, k), *launch.physics,
+            launch.cfg.av_tile_scale, av.low, av.high, av.step if av.levels is not None else 1.0, grid_anchor(av),
+            AV_LEVELS=av.levels is not None, **launch.flags, **launch.blocks(d), num_warps=NUM_WARPS,
+        )
+        ctx.save_for_backward(q, k, v, out, den)
+        ctx.launch = launch
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        from cimattn.kernels.triton_gaincell import gaincell_bwd_dkdv, gaincell_bwd_dq
+
+        q, k, v, out, den = ctx.saved_tensors
+        launch: _Launch = ctx.launch
+        cfg = launch.cfg
+        b, h, t, d = q.shape
+        hkv = k.shape[1]
+        grad = grad.float()
+        if cfg.normalize:  # out = num / den where den > 0: the tile sums' gradients, as autograd divides them
+            ok = den[..., None] > 0
+            scale = torch.where(ok, 1.0 / den.clamp_min(torch.finfo(torch.float32).tiny)[..., None], 0.0)
+            g_num = grad * scale  # (B, H, T, D)
+            g_den = -(grad * out * scale).sum(-1).contiguous()  # (B, H, T): −Σ_d g·num / den²; the kernels index it flat
+        else:
+            g_num, g_den = grad, den
+        dq = torch.empty((b, h, t, d), dtype=torch.float32, device=q.device)
+        dk = torch.empty((b, hkv, t, d), dtype=torch.float32, device=q.device)
+        dv = torch.empty_like(dk)
+        av = (cfg.av_tile_scale, cfg.av_out.low, cfg.av_out.high)
+        common = (*q.stride(), *k.stride(), *v.stride(), *g_num.stride())
+        flags = {**launch.flags, "GRAD_POLY": launch.grad_poly, **launch.blocks(d), "num_warps": NUM_WARPS}
+        shape = launch.shape(q, k)
+        gaincell_bwd_dq[(-(-t // launch.block_m), b * h)](q, k, v, g_num, g_den, dq, *common, *shape, *launch.physics, *av, **flags)
+        gaincell_bwd_dkdv[(-(-t // cfg.tokens_per_array), b * hkv)](
+            q, k, v, g_num, g_den, dk, dv, *common, *shape, *launch.physics, *av, **flags,
+        )
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None

@@ -96,26 +96,22 @@ def cell_scores(
     """
     u = k - cfg.y_mid
 
-    def m(i: int) -> torch.Tensor:  # Σ_d q·dq^i · u^i·dk^i (· gain)
-        if i == 0 and gain is None:
-            return q.sum(-1, keepdim=True)  # (..., T, 1): the same for every key; the constant term does not decay
-        stored = u.pow(i) if gain is None else u.pow(i) * gain  # (..., S, D)
-        pulses = q
-        if decay is not None and i > 0:
-            pulses, stored = q * decay.query.pow(i), stored * decay.key.pow(i)
-        return torch.matmul(pulses, stored.transpose(-1, -2))  # (..., T, S)
+    def stored(i: int) -> torch.Tensor:
+        return _stored(u, i, decay, gain)
 
-    m1 = m(1)
+    def pulses(i: int) -> torch.Tensor:  # q·dq^i, (..., T, D)
+        return q if decay is None or i == 0 else q * decay.query.pow(i)
 
     def linear() -> torch.Tensor:
-        return cfg.linear_slope * m1
+        return cfg.linear_slope * torch.matmul(pulses(1), stored(1).transpose(-1, -2))
 
     def nonlinear() -> torch.Tensor:
+        # every term in one matmul over the concatenated (c_i·pulses_i | stored_i) pairs: one pass over (T, S)
         coeffs = cfg.cell_polynomial()
-        acc = coeffs[1] * m1
-        for i in (0, *range(2, len(coeffs))):
-            acc = _plus(acc, m(i), coeffs[i])
-        return acc
+        powers = range(0 if gain is not None else 1, len(coeffs))  # without gain, Σ_d q is the same for every key
+        acc = torch.matmul(torch.cat([coeffs[i] * pulses(i) for i in powers], -1),
+                           torch.cat([stored(i) for i in powers], -1).transpose(-1, -2))  # (..., T, S)
+        return acc if gain is not None else _plus(acc, q.sum(-1, keepdim=True), coeffs[0])
 
     return _with_gradient(linear, nonlinear, cfg, kind or cfg.cell)
 
@@ -135,27 +131,31 @@ def cell_weighted_sum(
     """
     u = v - cfg.y_mid
 
-    def term(i: int) -> torch.Tensor:  # dq^i ⊙ (A @ (u^i·dk^i · gain))
-        if i == 0 and gain is None:
-            return a.sum(-1, keepdim=True)  # (..., T, 1): the same for every column
-        stored = u.pow(i) if gain is None else u.pow(i) * gain  # (..., S, D)
-        if decay is None or i == 0:
-            return torch.matmul(a, stored)
-        return torch.matmul(a, stored * decay.key.pow(i)) * decay.query.pow(i)  # (..., T, D)
-
-    t1 = term(1)
+    def stored(i: int) -> torch.Tensor:
+        return _stored(u, i, decay, gain)
 
     def linear() -> torch.Tensor:
-        return cfg.linear_slope * t1
+        t1 = torch.matmul(a, stored(1))
+        return cfg.linear_slope * (t1 if decay is None else t1 * decay.query)
 
     def nonlinear() -> torch.Tensor:
+        # every term in one matmul against the concatenated c_i·stored_i: A is read once
         coeffs = cfg.cell_polynomial()
-        acc = coeffs[1] * t1
-        for i in (0, *range(2, len(coeffs))):
-            acc = _plus(acc, term(i), coeffs[i])
-        return acc
+        powers = range(0 if gain is not None else 1, len(coeffs))
+        terms = torch.matmul(a, torch.cat([coeffs[i] * stored(i) for i in powers], -1))  # (..., T, n·D)
+        terms = terms.unflatten(-1, (len(powers), u.shape[-1]))  # (..., T, n, D)
+        if decay is not None:  # the i-th term read by query t decays by dq[t]^i: one pass for all terms
+            terms = terms * torch.cat([decay.query.pow(i) for i in powers], -1).unsqueeze(-1)  # (..., T, n, 1)
+        acc = terms.sum(-2)
+        return acc if gain is not None else _plus(acc, a.sum(-1, keepdim=True), coeffs[0])
 
     return _with_gradient(linear, nonlinear, cfg, kind or cfg.cell)
+
+
+def _stored(u: torch.Tensor, i: int, decay: Decay | None, gain: torch.Tensor | None) -> torch.Tensor:
+    """The stored operand of the i-th polynomial term: u^i · dk^i (· gain), (..., S, D)."""
+    x = u.pow(i) if gain is None else u.pow(i) * gain
+    return x if decay is None or i == 0 else x * decay.key.pow(i)
 
 
 def _plus(acc: torch.Tensor, m: torch.Tensor, c: float) -> torch.Tensor:
@@ -239,8 +239,12 @@ def hard_sigmoid(
     x = cfg.score_scale * scores
     if cfg.score_offset != 0.0:
         x = x + cfg.score_offset
-    a = read_noise(x, cfg.noise.read_std, generator).clamp(0.0, 1.0)
-    return a if keep is None else a.masked_fill(~keep, 0.0)
+    x = read_noise(x, cfg.noise.read_std, generator)
+    if torch.is_grad_enabled() and x.requires_grad:
+        a = x.clamp(0.0, 1.0)
+        return a if keep is None else a.masked_fill(~keep, 0.0)
+    a = x.clamp_(0.0, 1.0)  # x is this function's own tensor: in place saves a (T, S) pass each
+    return a if keep is None else a.masked_fill_(~keep, 0.0)
 
 
 def tile_readout(

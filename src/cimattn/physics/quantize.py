@@ -33,11 +33,14 @@ def quantize(x: torch.Tensor, q: Quantizer) -> torch.Tensor:
     if q.levels is None:
         return clamped
     step, anchor = q.step, grid_anchor(q)
+    recording = clamped.requires_grad
     with torch.no_grad():
-        rounded = (clamped - anchor if anchor else clamped).div(step).round_().mul_(step)
+        # without a gradient to keep, round the clamp's fresh output in place: one tensor, not three
+        rounded = clamped if not recording else clamped.clone()
+        (rounded.sub_(anchor) if anchor else rounded).div_(step).round_().mul_(step)
         if anchor:
             rounded.add_(anchor)
-    if not clamped.requires_grad:
+    if not recording:
         return rounded
     # straight-through: forward the rounded value, backward the identity of the clamped one
     return clamped + (rounded - clamped).detach()

@@ -96,8 +96,10 @@ def _plot_noise(record: dict):
     for ax, (swept, fixed, label) in zip(axes, (("read_std", "cell_variability_std", "read noise std [full scale]"),
                                                 ("cell_variability_std", "read_std", "cell variability std [gain]"))):
         sweep = sorted((r for r in rows if r[fixed] == 0.0), key=lambda r: r[swept])
-        for key, name in (("ppl_plain", "adapted without noise"), ("ppl_noise_aware", "noise-aware adaptation")):
+        for key, name in (("ppl_plain", "fine-tuned without noise"), ("ppl_noise_aware", "fine-tuned with noise (noise-aware)")):
             ax.plot([r[swept] for r in sweep], [r[key] for r in sweep], marker="o", label=name)
+        if "ppl_adapted_noiseless" in record["metrics"]:
+            ax.axhline(record["metrics"]["ppl_adapted_noiseless"], color="grey", lw=0.8, ls="--", label="adapted, noiseless, before")
         ax.set_xlabel(label)
         ax.set_yscale("log")
     axes[0].set_ylabel("perplexity")
