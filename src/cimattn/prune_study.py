@@ -63,6 +63,10 @@ METHODS: dict[str, Method] = {
                            {"calibrate_per": "layer"}),
     "sprint-relative-layer": Method("sprint", "relative", {}, "ReRAM scorer, one margin below the row maximum per layer",
                                     {"calibrate_per": "layer"}),
+    "sprint-relative-model": Method("sprint", "relative", {}, "ReRAM scorer, one margin below the row maximum for the whole model",
+                                    {"calibrate_per": "model"}),
+    "oracle-relative-model": Method("sprint", "relative", {"kind": "exact"}, "exact q·k, one margin below the row maximum for the whole model",
+                                    {"calibrate_per": "model"}),
     "sprint-noisy": Method(
         "sprint", "threshold", {"variation_std": 0.05, "comparator_offset_std": 0.01, "read_noise_std": 0.01},
         "ReRAM scorer with 5 % cell variation, 1 % comparator offset and read noise (ours, not sourced: a sensitivity point)",

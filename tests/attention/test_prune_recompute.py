@@ -306,3 +306,17 @@ def test_learned_thresholds_lower_the_distillation_loss(rule):
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))  # the model's own weights stay
     end = calibrate_thresholds_rate(model, batch)["calib_keep_rate"]
     assert start < 0.25 and abs(end - 0.3) < abs(start - 0.3)
+
+
+@pytest.mark.parametrize("rule", ["threshold", "relative"])
+def test_model_calibration_shares_one_threshold_across_layers(rule):
+    """calibrate_per: model — every layer and head gets one threshold, bisected so the whole model keeps the target."""
+    from cimattn.adapt.thresholds import calibrate_thresholds
+
+    sel = Selection(rule=rule, keep_rate=0.3, calibrate_per="model", recent_tokens=1, sink_tokens=0)
+    model = tiny_converted(PruneRecompute(scorer=Scorer(kind="exact"), selection=sel))
+    batch = torch.randint(0, 256, (2, 48), generator=torch.Generator().manual_seed(4))
+    reached = calibrate_thresholds(model, batch)["calib_keep_rate"]
+    thresholds = torch.stack([m.cim.threshold for _, m in model.named_modules() if hasattr(m, "cim")])
+    assert (thresholds == thresholds.flatten()[0]).all()
+    assert reached == pytest.approx(0.3, abs=0.02)

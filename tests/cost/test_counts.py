@@ -183,3 +183,20 @@ def test_sprint_fetches_per_kv_head_and_reads_measured_bytes():
     # the prune-and-recompute run's telemetry: bytes per token, summed over layers and KV heads
     told = decode(t, gqa, 100, telemetry=tele | {"fetched_bytes_per_query": 682.5})
     assert fetch(told) == pytest.approx(682.5 * 8 * float(p["reram.read_energy_per_bit_j"]))
+
+
+@pytest.mark.parametrize("preset", ["sprint", "hyatt"])
+def test_relative_rule_pays_a_second_scoring_read(preset):
+    """Max tracking (the relative rule) reads the scoring array twice: its energy equals the scoring term, latency grows."""
+    from cimattn.config import with_changes
+    from cimattn.cost.hardware import MAX_TRACKING
+
+    hw = load_preset(preset)
+    relative = with_changes(hw, {"prune_recompute": {"selection": {"rule": "relative"}}})
+    table, shape = load_table(preset), SHAPES["gpt2"]
+    base, tracked = decode(table, shape, 2048, hardware=hw), decode(table, shape, 2048, hardware=relative)
+    scoring = "in-ReRAM scoring" if preset == "sprint" else "analog CIM scoring"
+    assert MAX_TRACKING not in base.energy_j
+    assert float(tracked.energy_j[MAX_TRACKING]) == pytest.approx(float(tracked.energy_j[scoring]))
+    assert float(tracked.energy) > float(base.energy) and float(tracked.latency) >= float(base.latency)
+    assert any("read twice" in n for n in tracked.notes)

@@ -32,6 +32,7 @@ from cimattn.config import HardwareConfig
 from cimattn.errors import CimattnError
 
 CALIBRATED = ("threshold", "q_full_scale", "k_full_scale")  # the buffers a calibration sets
+SHARED_THRESHOLD_STEPS = 10  # bisection steps of a model-wide threshold: 1/1024 of the per-layer values' spread
 
 
 def calibration_windows(ids: torch.Tensor, tokens: int, context: int) -> torch.Tensor:
@@ -60,9 +61,38 @@ def calibrate_thresholds(model: torch.nn.Module, batch: torch.Tensor, *, measure
     finally:
         for cim in layers:
             cim.calibrate_to = None
+    if layers[0].config.selection.calibrate_per == "model":
+        _share_one_threshold(model, layers, batch)
     if not measure:
         return {"calib_tokens": int(batch.numel())}
     return calibrate_thresholds_rate(model, batch)
+
+
+def _share_one_threshold(model: torch.nn.Module, layers: list, batch: torch.Tensor) -> None:
+    """One threshold (or margin) for every layer and head, bisected until the whole model keeps `keep_rate` on `batch`.
+
+    The per-layer calibration brackets it: at the smallest per-layer value every
+    layer keeps at most its target, at the largest at least (the keep rate is
+    monotone in the threshold).  Each bisection step is one forward.
+    """
+    sel = layers[0].config.selection
+    values = torch.cat([cim.threshold.flatten() for cim in layers])
+    values = values[values.isfinite()]
+    if values.numel() == 0:
+        return
+    lo, hi = values.min().item(), values.max().item()
+    keeps_more_when_higher = sel.rule == "relative"  # a wider margin keeps more; a higher threshold fewer
+    for _ in range(SHARED_THRESHOLD_STEPS):
+        mid = (lo + hi) / 2
+        for cim in layers:
+            cim.threshold.fill_(mid)
+        too_many = calibrate_thresholds_rate(model, batch)["calib_keep_rate"] > sel.keep_rate
+        if too_many == keeps_more_when_higher:
+            hi = mid
+        else:
+            lo = mid
+    for cim in layers:
+        cim.threshold.fill_((lo + hi) / 2)
 
 
 @torch.no_grad()

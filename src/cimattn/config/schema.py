@@ -253,9 +253,10 @@ class Selection(Strict):
         None, "logits", SPRINT + ": a learned per-layer threshold (uncertain)",
         "fixed threshold (threshold rule) or margin below the row maximum (relative rule) for every head; null = calibrated",
     )
-    calibrate_per: Literal["head", "layer"] = Field(
-        "head", description="calibrated thresholds: one per head (every head keeps keep_rate) or one per layer shared by its "
-        "heads (ours: heads with flat attention keep more keys, sharp ones fewer; the layer keeps keep_rate)",
+    calibrate_per: Literal["head", "layer", "model"] = Field(
+        "head", description="calibrated thresholds: one per head (every head keeps keep_rate), one per layer shared by its "
+        "heads, or one for the whole model (ours: heads and layers with flat attention keep more keys, sharp ones fewer; "
+        "the layer or the model keeps keep_rate)",
     )
     current: bool = Field(True, description="always keep the query's own token")
     recent_tokens: int = field(3, "tokens", "ours (issue 6's quick measurement)", "always keep this many tokens before the query", ge=0)

@@ -158,6 +158,9 @@ class SprintDesign:
     compute_units: int = 1
 
 
+# the relative rule's cost (ours, assumed): a second read of the scoring array, to compare against the row maximum
+MAX_TRACKING = "max tracking (second scoring read)"
+
 # SPRINT energy terms paid once per KV head (K/V fetched into the shared buffer), not per query head
 SPRINT_PER_KV_HEAD = ("K/V fetch (ReRAM read)", "buffer writes (fetched K/V)")
 
@@ -241,6 +244,10 @@ def _prune_decode(table: Table, p: dict, shape: ModelShape, context, telemetry: 
     keep, keep_note = _pick("keep rate", telemetry.keep_rate, pr.selection.keep_rate if pr else None, p["defaults.keep_rate"])
     queries = shape.layers * shape.heads
     notes = [keep_note]
+    relative = pr is not None and pr.selection.rule == "relative"
+    if relative:
+        notes.append("relative rule: the scores are read twice, once to track the row maximum and once to compare "
+                     "against it (assumed: no published max-tracking circuit)")
     if table.family == "sprint":
         design = SprintDesign()
         if pr is not None:
@@ -266,9 +273,15 @@ def _prune_decode(table: Table, p: dict, shape: ModelShape, context, telemetry: 
         pipelined = ("fetches of kept keys are prefetched and overlap compute (SPRINT's prefetch); queries of all heads "
                      "and layers run one after another on the compute units")
         area = {f"chip ({design.buffer_bytes // 1024} KB buffer)": p["chip.area_m2"] + (design.compute_units - 1) * p["chip.area_per_extra_unit_m2"]}
+        if relative:
+            e[MAX_TRACKING] = e["in-ReRAM scoring"]
+            latency[MAX_TRACKING] = latency["in-ReRAM scoring"]
     else:
         c, e, t = hyatt_query(p, context, shape.head_dim, keep)
         c, e = ({k: v * queries for k, v in d.items()} for d in (c, e))
+        if relative:
+            e[MAX_TRACKING] = e["analog CIM scoring"]
+            t = t | {"analog": 2 * t["analog"]}
         latency = {"max(analog scoring, digital recompute)": queries * torch.maximum(t["analog"], t["digital"])}
         pipelined = "analog scoring of the next query overlaps the digital recompute of this one; heads and layers one after another"
         area = {"chip (die)": p["chip.area_m2"]}
