@@ -145,7 +145,8 @@ def cell_weighted_sum(
         terms = torch.matmul(a, torch.cat([coeffs[i] * stored(i) for i in powers], -1))  # (..., T, n·D)
         terms = terms.unflatten(-1, (len(powers), u.shape[-1]))  # (..., T, n, D)
         if decay is not None:  # the i-th term read by query t decays by dq[t]^i: one pass for all terms
-            terms = terms * torch.cat([decay.query.pow(i) for i in powers], -1).unsqueeze(-1)  # (..., T, n, 1)
+            factors = torch.cat([decay.query.pow(i) for i in powers], -1).unsqueeze(-1)  # (..., T, n, 1)
+            terms = terms * factors if torch.is_grad_enabled() and terms.requires_grad else terms.mul_(factors)
         acc = terms.sum(-2)
         return acc if gain is not None else _plus(acc, a.sum(-1, keepdim=True), coeffs[0])
 
