@@ -102,12 +102,11 @@ def prepare(spec: StudySpec, progress: Callable, log: Callable[[str], None]) -> 
     """Load, keep a digital teacher, convert to the preset and adapt (or load --adapted): the study's starting model."""
     from cimattn import pipeline
     from cimattn.adapt import load_adapted
+    from cimattn.adapt.checkpoint import PRESET
     from cimattn.models import convert
     from cimattn.models.convert import hardware_state_dict
 
     # adapted parameters belong to the preset they were adapted on: that one, not --preset, is swept
-    from cimattn.adapt.checkpoint import PRESET
-
     hardware = load_preset(Path(spec.adapted) / PRESET if spec.adapted is not None else spec.preset)
     spec.preset = hardware.name
     if hardware.gaincell is None:

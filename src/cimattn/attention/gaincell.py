@@ -372,7 +372,7 @@ def _tile_readouts(
     seen = torch.einsum("bqtr,brn->bqnt", seen, onehot) > 0  # (B, 1, n, Tb): the tile holds a key the query sees
     seen = seen[:, :, :, None].expand(-1, -1, -1, gt // tb, -1).reshape(b, 1, len(used), gt, 1).to(a.dtype)  # (B, 1, n, G·Tb, 1)
     readout = tile_readout(per_tile, cfg, gen, active=seen)  # (B, Hkv, n, G·Tb, C), a fresh tensor
-    readout = readout * seen if torch.is_grad_enabled() and readout.requires_grad else readout.mul_(seen)
+    readout = readout * seen if readout.requires_grad else readout.mul_(seen)
     return readout.sum(dim=2)
 
 

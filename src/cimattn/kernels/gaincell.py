@@ -12,32 +12,18 @@ when it can), so the attention function can fall back to the torch path.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from cimattn.config.schema import GainCell
 from cimattn.errors import CimattnError
+from cimattn.kernels.common import MAX_HEAD_DIM, MIN_DOT, call_unsupported
 from cimattn.physics.quantize import grid_anchor
 
 BLOCK_M = 64  # queries per program: one array's worth of keys per step, as on the chip
-MIN_DOT = 16  # tl.dot needs every block dimension ≥ 16
 # Warps per program.  Not timed (no GPU yet): sm_90 code compiled ahead of time on a CPU (triton 3.9, 64 × 64 blocks,
 # ieee dots) has ~27k local-memory spill instructions in the forward with 4 warps, ~1.2k with 8; the backward kernels
 # 13–29k in every block/warp setting tried (2.3–2.7k with tf32x3 dots), so a GPU session should time `precision` and this.
 NUM_WARPS = 8
-
-
-def triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def unsupported(
@@ -57,22 +43,17 @@ def unsupported(
     ring slot s mod W.  `cell` is accepted for symmetry with the launcher
     (both cells are supported).
     """
-    if not triton_available():
-        return "triton is not installed (pip install triton)"
-    if not (q.is_cuda or interpreting()):
-        return f"tensors on {q.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tests)"
-    if q.dim() != 4 or k.shape != v.shape or k.dim() != 4:
-        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, T, D) and equal (B, Hkv, S, D)"
-    b, h, t, d = q.shape
-    if k.shape[0] != b or k.shape[-1] != d or h % k.shape[1]:
-        return f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (batch, head dim, heads a multiple of KV heads)"
+    reason = call_unsupported(q, k, v)
+    if reason is not None:
+        return reason
+    b, _, t, d = q.shape
     if k.shape[2] != t:
         return f"{k.shape[2]} keys for {t} queries: the kernel covers prefill without a cache (decode takes the torch path)"
     tpa = cfg.tokens_per_array
     if tpa < MIN_DOT or tpa & (tpa - 1):
         return f"gaincell.tokens_per_array = {tpa}: the kernel needs a power of two ≥ {MIN_DOT}"
-    if d > 256:
-        return f"head dim {d}: the kernel holds a head in registers, at most 256"
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d}: the kernel holds a head in registers, at most {MAX_HEAD_DIM}"
     if cfg.noise.read_std or cfg.noise.cell_variability_std:
         return "gaincell.noise: read noise and cell variability take the torch path"
     if offsets is not None and bool(offsets.any()):

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from cimattn.errors import CimattnError
-from cimattn.kernels.gaincell import MIN_DOT, interpreting, triton_available
+from cimattn.kernels.common import MAX_HEAD_DIM, MIN_DOT, call_unsupported
 
 BLOCK_M = 64  # queries per program
 BLOCK_N = 64  # keys per block: the granularity at which unkept keys are skipped
@@ -35,22 +35,17 @@ def unsupported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keep: torch.T
     Without `keep` (an attention function deciding before its selection),
     every boolean mask broadcastable to (B, H, T, S) is assumed.
     """
-    if not triton_available():
-        return "triton is not installed (pip install triton)"
-    if not (q.is_cuda or interpreting()):
-        return f"tensors on {q.device}: the Triton kernel needs CUDA (or TRITON_INTERPRET=1 for tests)"
-    if q.dim() != 4 or k.dim() != 4 or k.shape != v.shape:
-        return f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}: expected (B, H, T, D) and equal (B, Hkv, S, D)"
+    reason = call_unsupported(q, k, v)
+    if reason is not None:
+        return reason
     b, h, t, d = q.shape
-    if k.shape[0] != b or k.shape[-1] != d or h % k.shape[1]:
-        return f"k/v {tuple(k.shape)} do not match q {tuple(q.shape)} (batch, head dim, heads a multiple of KV heads)"
     full = (b, h, t, k.shape[2])
     if keep is not None and (keep.dtype != torch.bool or keep.dim() != 4 or any(n not in (1, m) for n, m in zip(keep.shape, full))):
         return f"keep mask {keep.dtype} {tuple(keep.shape)}: expected a boolean mask broadcastable to (B, H, T, S) = {full}"
     if any(x.dtype not in DTYPES for x in (q, k, v)):
         return f"dtypes {q.dtype}, {k.dtype}, {v.dtype}: the kernel takes fp16 / bf16 / fp32 (float64 takes the torch path)"
-    if d > 256:
-        return f"head dim {d}: the kernel holds a head in registers, at most 256"
+    if d > MAX_HEAD_DIM:
+        return f"head dim {d}: the kernel holds a head in registers, at most {MAX_HEAD_DIM}"
     if torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)):
         return "inputs require grad: the kernel has no backward (training takes the torch path)"
     return None

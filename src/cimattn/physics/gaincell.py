@@ -146,7 +146,7 @@ def cell_weighted_sum(
         terms = terms.unflatten(-1, (len(powers), u.shape[-1]))  # (..., T, n, D)
         if decay is not None:  # the i-th term read by query t decays by dq[t]^i: one pass for all terms
             factors = torch.cat([decay.query.pow(i) for i in powers], -1).unsqueeze(-1)  # (..., T, n, 1)
-            terms = terms * factors if torch.is_grad_enabled() and terms.requires_grad else terms.mul_(factors)
+            terms = terms * factors if terms.requires_grad else terms.mul_(factors)
         acc = terms.sum(-2)
         return acc if gain is not None else _plus(acc, a.sum(-1, keepdim=True), coeffs[0])
 
@@ -241,7 +241,7 @@ def hard_sigmoid(
     if cfg.score_offset != 0.0:
         x = x + cfg.score_offset
     x = read_noise(x, cfg.noise.read_std, generator)
-    if torch.is_grad_enabled() and x.requires_grad:
+    if x.requires_grad:
         a = x.clamp(0.0, 1.0)
         return a if keep is None else a.masked_fill(~keep, 0.0)
     a = x.clamp_(0.0, 1.0)  # x is this function's own tensor: in place saves a (T, S) pass each
