@@ -349,7 +349,7 @@ def cost(
 def roofline(
     out: Out = Path("runs/roofline"),
     model: Model = "smollm2-135m",
-    grid: Annotated[str, typer.Option(help="'ci' (8 points, seconds) or 'full' (20 points, about a minute).")] = "full",
+    grid: Annotated[str, typer.Option(help="'ci' (8 points, seconds) or 'full' (38 points, about a minute).")] = "full",
     repeats: Annotated[int, typer.Option(min=3, help="Timings per point; the median is kept.")] = 21,
     threads: Annotated[int | None, typer.Option(min=1, help="torch threads while timing (default: torch's).")] = None,
     device: Annotated[str, typer.Option(help="cpu, or cuda where a GPU is present (fp16).")] = "cpu",

@@ -16,6 +16,7 @@ curves.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from collections.abc import Callable
@@ -67,6 +68,9 @@ METHODS: dict[str, Method] = {
                                     {"calibrate_per": "model"}),
     "oracle-relative-model": Method("sprint", "relative", {"kind": "exact"}, "exact q·k, one margin below the row maximum for the whole model",
                                     {"calibrate_per": "model"}),
+    "sprint-relative-learned": Method("sprint", "relative", {}, "ReRAM scorer, per-layer margins then per-head margins learned "
+                                      "against the digital model (LeOPArd-style), one offset back to the keep rate",
+                                      {"calibrate_per": "layer", "learn_steps": 20}),
     "sprint-noisy": Method(
         "sprint", "threshold", {"variation_std": 0.05, "comparator_offset_std": 0.01, "read_noise_std": 0.01},
         "ReRAM scorer with 5 % cell variation, 1 % comparator offset and read noise (ours, not sourced: a sensitivity point)",
@@ -104,7 +108,7 @@ def run_prune_study(
     log: Callable[[str], None] = lambda s: None,
 ) -> dict:
     """Measure perplexity and telemetry of every (method, keep rate); returns and writes the study record."""
-    from cimattn.adapt.thresholds import calibrate_thresholds, calibration_windows
+    from cimattn.adapt.thresholds import calibration_windows, prepare_thresholds
     from cimattn.attention.prune_recompute import collect_telemetry
     from cimattn.data import load_text, tokenize_cached
     from cimattn.eval import perplexity
@@ -144,12 +148,14 @@ def run_prune_study(
         record.update(ppl_digital=result.ppl, scored_tokens=result.scored_tokens)
         atomic_write_json(out / RESULTS, record)
     log(f"digital: ppl {record['ppl_digital']:.4f}")
+    learning = any(hw.prune_recompute.selection.learn_steps for key, hw in configs.items() if key not in done)
+    teacher = copy.deepcopy(lm).eval() if learning else None  # before any conversion: the digital model
     for (name, rate), hw in configs.items():
         if (name, rate) in done:
             continue
         convert(lm, hw)
         if hw.prune_recompute.selection.rule in ("threshold", "relative"):
-            calibrate_thresholds(lm, calib, measure=False)
+            prepare_thresholds(lm, calib, teacher, measure=False)
         with collect_telemetry(lm) as telemetry:
             result = measure(f"{name} @ {rate:g}")
         summary = telemetry.summary()

@@ -112,6 +112,20 @@ def test_distillation_lowers_the_loss():
     assert len(losses) == 25 and after < before
 
 
+def test_layerwise_scalers_train_in_their_own_group_without_weight_decay():
+    from cimattn.adapt import layerwise
+
+    hw = hardware(layerwise_lr=1e-4, layerwise_scaler_lr=1e-2, weight_decay=0.1)
+    student, _ = pair(hw)
+    _, _, attention = layerwise.decoder_layers(student)[0]
+    named = layerwise.layer_parameters(attention, "attention")
+    groups = layerwise.adamw(named, hw.adapt).param_groups
+    scalers = {id(p) for n, p in named.items() if n.startswith("cim.scalers.")}
+    assert len(groups) == 2 and scalers and {id(p) for p in groups[1]["params"]} == scalers
+    assert (groups[0]["lr"], groups[0]["weight_decay"]) == (1e-4, 0.1) and (groups[1]["lr"], groups[1]["weight_decay"]) == (1e-2, 0.0)
+    assert [g["lr"] for g in layerwise.adamw(named, hardware(layerwise_lr=1e-4).adapt).param_groups] == [1e-4]  # null: one rate
+
+
 def _tmp():
     import tempfile
     from pathlib import Path

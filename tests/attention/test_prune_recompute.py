@@ -320,3 +320,20 @@ def test_model_calibration_shares_one_threshold_across_layers(rule):
     thresholds = torch.stack([m.cim.threshold for _, m in model.named_modules() if hasattr(m, "cim")])
     assert (thresholds == thresholds.flatten()[0]).all()
     assert reached == pytest.approx(0.3, abs=0.02)
+
+
+def test_learned_thresholds_are_shifted_back_to_the_keep_rate_at_the_full_context():
+    """prepare_thresholds: learn on short windows, then one offset on every threshold restores keep_rate on the whole batch;
+    the learned differences between heads survive the offset."""
+    from cimattn.adapt.thresholds import prepare_thresholds
+
+    sel = Selection(rule="relative", keep_rate=0.3, calibrate_per="layer", learn_steps=4, learn_context=16,
+                    learn_temperature=0.05, recent_tokens=1, sink_tokens=0)
+    model = tiny_converted(PruneRecompute(scorer=Scorer(kind="reram"), selection=sel))
+    teacher, _ = load_model("tiny-llama")
+    batch = torch.randint(0, 256, (1, 64), generator=torch.Generator().manual_seed(5))
+    result = prepare_thresholds(model, batch, teacher)
+    assert len(result["learn_loss"]) == 4
+    assert result["calib_keep_rate"] == pytest.approx(0.3, abs=0.03)
+    thresholds = torch.stack([m.cim.threshold for _, m in model.named_modules() if hasattr(m, "cim")])
+    assert thresholds.std(-1).max() > 0  # heads of a layer no longer share one margin: learning moved them apart

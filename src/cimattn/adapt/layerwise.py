@@ -22,6 +22,7 @@ from cimattn.config import Adapt
 from cimattn.models.convert import decoder_layers
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
+SCALERS = "cim.scalers."  # in the name of every hardware scaler parameter
 Call = tuple[tuple, dict]  # positional and keyword arguments of a module call
 
 
@@ -93,11 +94,21 @@ def block_output(block: torch.nn.Module, hidden: torch.Tensor, call: Call) -> to
     return out[0] if isinstance(out, tuple) else out
 
 
-def layer_parameters(module: torch.nn.Module, which: str) -> list[torch.nn.Parameter]:
+def layer_parameters(module: torch.nn.Module, which: str) -> dict[str, torch.nn.Parameter]:
     """What trains in one attention module: its hardware scalers, or (attention/all) every parameter it has."""
-    if which == "scalers":
-        return list(module.cim.scalers.parameters())
-    return list(module.parameters())
+    return {name: p for name, p in module.named_parameters() if which != "scalers" or SCALERS in name}
+
+
+def adamw(parameters: dict[str, torch.nn.Parameter], recipe: Adapt) -> torch.optim.AdamW:
+    """The layer-wise optimizer: AdamW at `layerwise_lr`; with `layerwise_scaler_lr` the hardware scalers in a group
+    of their own at that rate and without weight decay (it would pull their gains toward zero)."""
+    if recipe.layerwise_scaler_lr is None:
+        groups = [{"params": list(parameters.values())}]
+    else:
+        groups = [{"params": [p for name, p in parameters.items() if SCALERS not in name]},
+                  {"params": [p for name, p in parameters.items() if SCALERS in name], "lr": recipe.layerwise_scaler_lr,
+                   "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.layerwise_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
 
 
 def normalised_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -128,8 +139,9 @@ def train_layers(
 
 
 def _train(attention, args, kwargs, target, recipe: Adapt, steps: int, advance) -> list[float]:
-    params = layer_parameters(attention, recipe.train)
-    optimizer = torch.optim.AdamW(params, lr=recipe.layerwise_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
+    named = layer_parameters(attention, recipe.train)
+    params = list(named.values())
+    optimizer = adamw(named, recipe)
     attention.train()
     losses = []
     for _ in range(steps):

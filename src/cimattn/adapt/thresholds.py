@@ -13,7 +13,10 @@ the calibrated thresholds reach on the same batch.
 With `selection.learn_steps > 0` the calibrated thresholds are then trained
 (LeOPArd-style, `learn_thresholds`): a soft comparator makes the keep
 decision differentiable, and only the thresholds move, to match the digital
-teacher's next-token distribution at the target keep rate.
+teacher's next-token distribution at the target keep rate.  Learning runs on
+shorter windows (`selection.learn_context`); one offset added to every
+learned threshold then restores the keep rate at the run's context
+(`prepare_thresholds`).
 
 The calibrated buffers are saved in the run's `adapted/` directory
 (`hardware.safetensors`, `preset.yaml`, `state.json`), so a rerun resumes
@@ -73,26 +76,37 @@ def _share_one_threshold(model: torch.nn.Module, layers: list, batch: torch.Tens
 
     The per-layer calibration brackets it: at the smallest per-layer value every
     layer keeps at most its target, at the largest at least (the keep rate is
-    monotone in the threshold).  Each bisection step is one forward.
+    monotone in the threshold).
     """
-    sel = layers[0].config.selection
     values = torch.cat([cim.threshold.flatten() for cim in layers])
     values = values[values.isfinite()]
-    if values.numel() == 0:
-        return
-    lo, hi = values.min().item(), values.max().item()
+    if values.numel():
+        shift_to_rate(model, layers, batch, [torch.zeros_like(cim.threshold) for cim in layers], values.min().item(), values.max().item())
+
+
+@torch.no_grad()
+def shift_to_rate(model: torch.nn.Module, layers: list, batch: torch.Tensor, base: list[torch.Tensor], lo: float, hi: float) -> float:
+    """Set every layer's thresholds to base + δ, one δ in [lo, hi] bisected until the model keeps `keep_rate` on `batch`.
+
+    Each bisection step is one forward; the keep rate is monotone in δ.  Returns δ.
+    """
+    sel = layers[0].config.selection
     keeps_more_when_higher = sel.rule == "relative"  # a wider margin keeps more; a higher threshold fewer
+
+    def place(delta: float) -> None:
+        for cim, b in zip(layers, base):
+            cim.threshold.copy_(b + delta)
+
     for _ in range(SHARED_THRESHOLD_STEPS):
         mid = (lo + hi) / 2
-        for cim in layers:
-            cim.threshold.fill_(mid)
+        place(mid)
         too_many = calibrate_thresholds_rate(model, batch)["calib_keep_rate"] > sel.keep_rate
         if too_many == keeps_more_when_higher:
             hi = mid
         else:
             lo = mid
-    for cim in layers:
-        cim.threshold.fill_((lo + hi) / 2)
+    place((lo + hi) / 2)
+    return (lo + hi) / 2
 
 
 @torch.no_grad()
@@ -152,6 +166,35 @@ def learn_thresholds(model: torch.nn.Module, teacher: torch.nn.Module, batch: to
     return losses
 
 
+def prepare_thresholds(model: torch.nn.Module, batch: torch.Tensor, teacher: torch.nn.Module | None = None, *,
+                       measure: bool = True) -> dict:
+    """Calibrate, and with `selection.learn_steps` learn, every prune-and-recompute layer's thresholds on `batch`.
+
+    Learning runs on windows of `selection.learn_context` cut from `batch` (the
+    backward holds every layer's soft (H, T, T) mask); the keep rate a margin
+    reaches depends on the context, so afterwards one offset added to every
+    learned threshold restores `keep_rate` on `batch` itself: learning decides
+    how the keys are shared among layers and heads, the offset how many there are.
+    Returns the calibration metrics ("learn_loss" too when learning; the keep rate reached only with `measure`).
+    """
+    layers = prune_layers(model)
+    if not layers or not layers[0].config.selection.learn_steps:
+        return calibrate_thresholds(model, batch, measure=measure)
+    sel = layers[0].config.selection
+    if teacher is None:
+        raise CimattnError("learned thresholds (selection.learn_steps > 0) need the digital teacher model")
+    calibrate_thresholds(model, batch, measure=False)
+    calibrated = [cim.threshold.clone() for cim in layers]
+    window = min(sel.learn_context, batch.shape[-1])
+    windows = batch.flatten()[: batch.numel() // window * window].reshape(-1, window)
+    losses = learn_thresholds(model, teacher, windows)
+    learned = [cim.threshold.clone() for cim in layers]
+    # bracket: at the smallest (calibrated − learned) every head sits at or below its calibrated value, at the largest at or above
+    gaps = torch.cat([(c - t).flatten() for c, t in zip(calibrated, learned)])
+    shift = shift_to_rate(model, layers, batch, learned, gaps.min().item(), gaps.max().item())
+    return {"learn_loss": losses, "learn_shift": shift, **calibrate_thresholds_rate(model, batch)}
+
+
 def threshold_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """{buffer name: tensor} of every calibrated buffer, named as in `model.named_buffers()`."""
     return {name: b.detach().cpu().clone() for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] in CALIBRATED and ".cim." in name}
@@ -181,13 +224,7 @@ def adapt_thresholds(
         load_thresholds(model, checkpoint_dir)
         return {k: v for k, v in state.items() if k.startswith("calib_")}
     recipe = hardware.adapt
-    batch = calibration_windows(calib_ids, recipe.calib_tokens, recipe.calib_context or context)
-    result = calibrate_thresholds(model, batch, measure=hardware.prune_recompute.selection.learn_steps == 0)
-    if hardware.prune_recompute.selection.learn_steps:
-        if teacher is None:
-            raise CimattnError("learned thresholds (selection.learn_steps > 0) need the digital teacher model")
-        result["learn_loss"] = learn_thresholds(model, teacher, batch)
-        result.update(calibrate_thresholds_rate(model, batch))
+    result = prepare_thresholds(model, calibration_windows(calib_ids, recipe.calib_tokens, recipe.calib_context or context), teacher)
     checkpoint.save_parameters(checkpoint_dir, threshold_state(model), hardware)
     checkpoint.update_state(checkpoint_dir, done=True, **result)
     return result
@@ -195,5 +232,5 @@ def adapt_thresholds(
 
 __all__ = [
     "adapt_thresholds", "calibrate_thresholds", "calibrate_thresholds_rate", "calibration_windows", "learn_thresholds",
-    "load_thresholds", "threshold_state",
+    "load_thresholds", "prepare_thresholds", "shift_to_rate", "threshold_state",
 ]

@@ -268,6 +268,10 @@ class Selection(Strict):
     learn_temperature: float = field(0.5, "logits", "ours", "width of the soft comparator sigmoid((score − threshold) / T) while learning", gt=0)
     learn_rate_weight: float = field(10.0, "1", "ours", "weight of (soft keep rate − keep_rate)² beside the distillation loss", ge=0)
     learn_lr: float = field(0.01, "logits per step", "ours, not tuned on a real model", "Adam learning rate of the thresholds", gt=0, lt=10)
+    learn_context: int = field(
+        512, "tokens", "ours: the backward holds every layer's soft (H, T, T) mask; SmolLM2-135M at 4 x 512 tokens peaked at 12.9 GB",
+        "window length of threshold learning; an offset on every learned threshold then restores keep_rate at the run's context", ge=8,
+    )
 
     @model_validator(mode="after")
     def _rule_fields(self) -> Selection:
@@ -319,6 +323,13 @@ class Adapt(Strict):
     layerwise_lr: float = Field(
         3e-3, gt=0, lt=1,
         description="AdamW learning rate of the layer-wise distillation (ours: on SmolLM2-135M layers 5 and 15 it reached 2–5× lower error than 6e-4 in 120 steps)",
+    )
+    layerwise_scaler_lr: float | None = Field(
+        None, gt=0, lt=1,
+        description="AdamW learning rate of the hardware scalers (per-head gains and offsets, no weight decay) in layer-wise "
+        "distillation; null = layerwise_lr. Ours, SmolLM2-135M, training-free fit + 6 steps per layer: 457 at 6e-4, 372 at "
+        "6e-3, 331 at 1.8e-2, diverged (4,217) at 6e-2; after the initialization algorithm (240 s demo) only 286 → 277, and "
+        "1e-2 in the noisy end-to-end steps as well made the result worse, so end-to-end keeps one rate",
     )
     weight_decay: float = Field(0.1, ge=0, lt=1, description="AdamW weight decay — " + LEROUX)
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas — " + LEROUX)

@@ -3,15 +3,21 @@
 Prefill: `scaled_dot_product_attention` over a causal prompt of T tokens.  Decode: one
 query over a KV cache of L tokens (GQA through `enable_gqa`).  Each point is the median
 of `repeats` timings after a warm-up (the fastest repeat is kept too).  The model of a point is
-    t = t0 + flops / F + bytes / BW(working set)
-with BW chosen by the cache level the working set fits in (L2, L3, DRAM; sizes read
-from the OS, the last level's effective size chosen by the fit).  t0, F and the three
-bandwidths (stored as logs: exp gives s, FLOP/s, B/s) are fitted in torch (log-space
-least squares) on every other grid point and judged on the held-out rest by MAPE.
+    t = t0 + flops / F(q block) + Σ_level bytes served by the level / BW(level)
+- flops are what a flash kernel computes, not the ideal causal half: query blocks of Bq
+  rows each score every key up to their last row, T²/2 + T·Bq/2 pairs.  PyTorch's CPU
+  kernel picks Bq = 32 / 64 / 256 by prompt length (<192 / <768 / longer; kv blocks of
+  512, aten/src/ATen/native/cpu/FlashAttentionKernel.cpp), and each block size runs at
+  its own efficiency F (decode, one query, runs in the 32-row kernel);
+- memory is read as a stream through the levels: the first C_L2 bytes at the L2
+  bandwidth, the next up to C_L3 at the L3 bandwidth, the rest at DRAM's.  The capacities
+  are fitted too (a VM's or a shared L3 slice is smaller than the OS says); a hard switch
+  by working-set size instead mispredicted the points near a capacity by up to 80 %.
+All parameters are logs (exp gives s, FLOP/s, B/s, B), fitted in torch (log-space least
+squares) on every other grid point and judged on the held-out rest by MAPE.
 """
 from __future__ import annotations
 
-import itertools
 import statistics
 import time
 from dataclasses import dataclass
@@ -22,9 +28,13 @@ import torch.nn.functional as F
 
 from cimattn.cost.workload import ModelShape
 
-CI_GRID = {"prefill": [32, 64, 128, 256], "decode": [256, 1024, 4096, 16384]}
-FULL_GRID = {"prefill": [32, 64, 96, 128, 192, 256, 384, 512, 768, 1024],
-             "decode": [256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072]}
+CI_GRID = {"prefill": [32, 64, 192, 256], "decode": [256, 1024, 4096, 16384]}  # both halves see the 32- and 64-row kernels
+# dense enough that every held-out point lies between fitted ones of its own kernel block size (√2 steps for decode)
+FULL_GRID = {"prefill": [32, 48, 64, 80, 96, 128, 160, 192, 224, 256, 320, 384, 448, 512, 640, 768, 896, 1024, 1280],
+             "decode": [256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096, 5793, 8192, 11585, 16384, 23170, 32768,
+                        46341, 65536, 92682, 131072]}
+CPU_Q_BLOCKS = ((768, 256), (192, 64), (0, 32))  # (from prompt length, query rows per block) of PyTorch's CPU flash kernel
+CUDA_Q_BLOCK = 128  # FlashAttention-2's query tile at head dim ≤ 128
 
 
 @dataclass
@@ -36,6 +46,7 @@ class Point:
     flops: float
     bytes: float
     seconds_min: float  # the fastest repeat: the machine without the other processes' load, nearly
+    q_block: int  # query rows per kernel block: which efficiency F the point runs at
 
 
 def cache_sizes() -> dict[str, int]:
@@ -54,13 +65,20 @@ def cache_sizes() -> dict[str, int]:
     return sizes
 
 
-def counts(shape: ModelShape, mode: str, tokens: int, element: int = 4) -> tuple[float, float]:
-    """(FLOPs, bytes moved) of one attention layer call."""
+def q_block(mode: str, tokens: int, device: str = "cpu") -> int:
+    if device == "cuda":
+        return CUDA_Q_BLOCK
+    q_len = tokens if mode == "prefill" else 1
+    return next(rows for start, rows in CPU_Q_BLOCKS if q_len >= start)
+
+
+def counts(shape: ModelShape, mode: str, tokens: int, element: int = 4, block: int = 32) -> tuple[float, float]:
+    """(FLOPs, bytes moved) of one attention layer call; prefill counts the query-key pairs a flash kernel
+    with `block`-row query blocks computes (T²/2 + T·block/2), each 2·d multiply-adds for QKᵀ and for A·V."""
     h, kv, d = shape.heads, shape.kv_heads, shape.head_dim
     if mode == "prefill":
-        # causal: half of 4·T²·h·d FLOPs; traffic: q, k, v, o plus the T×T scores of every head, which leave L2
-        # once T ≳ 200 (counting them cut the held-out error from 21 % to 15 % on this CPU's measurements)
-        return 2.0 * tokens * tokens * h * d, float((2 * h + 2 * kv) * tokens * d * element + tokens * tokens * h * element)
+        pairs = tokens * tokens / 2 + tokens * min(block, tokens) / 2
+        return 4.0 * pairs * h * d, float((2 * h + 2 * kv) * tokens * d * element)
     return 4.0 * tokens * h * d, float((2 * kv * tokens + 2 * h) * d * element)
 
 
@@ -103,8 +121,9 @@ def measure(shape: ModelShape, grid: dict[str, list[int]] = CI_GRID, repeats: in
     points = []
     for (mode, n), ts in times.items():
         med = statistics.median(ts)
-        flops, bytes_ = counts(shape, mode, n, element=calls[(mode, n)][1])
-        points.append(Point(mode, n, med, (max(ts) - min(ts)) / med, flops, bytes_, min(ts)))
+        block = q_block(mode, n, device)
+        flops, bytes_ = counts(shape, mode, n, element=calls[(mode, n)][1], block=block)
+        points.append(Point(mode, n, med, (max(ts) - min(ts)) / med, flops, bytes_, min(ts), block))
     return points
 
 
@@ -116,24 +135,43 @@ def device_caches(device: str) -> dict[str, int]:
     return cache_sizes()
 
 
-class CpuRoofline(torch.nn.Module):
-    """t = t0 + flops / F + bytes / BW(level of the working set), parameters in log space."""
+class MeasuredRoofline(torch.nn.Module):
+    """t = t0 + flops / F(q block) + Σ_level bytes served by the level / BW(level), parameters in log space."""
 
     LEVELS = ("L2", "L3", "DRAM")
 
-    def __init__(self, caches: dict[str, int]):
+    def __init__(self, caches: dict[str, float], blocks: list[int]):
         super().__init__()
-        self.caches = caches
+        self.blocks = sorted(set(blocks))
         self.log_t0 = torch.nn.Parameter(torch.tensor(-11.0, dtype=torch.float64))  # ≈ 17 µs
-        self.log_flops = torch.nn.Parameter(torch.tensor(23.0, dtype=torch.float64))  # ≈ 1e10 FLOP/s
+        self.log_flops = torch.nn.Parameter(torch.full((len(self.blocks),), 23.0, dtype=torch.float64))  # ≈ 1e10 FLOP/s
         self.log_bw = torch.nn.Parameter(torch.tensor([24.0, 23.5, 23.0], dtype=torch.float64))  # ≈ 26, 16, 10 GB/s
+        self.log_caches = torch.nn.Parameter(torch.tensor([caches["L2"], caches["L3"]], dtype=torch.float64).log())
 
-    def level(self, bytes_: torch.Tensor) -> torch.Tensor:
-        return (bytes_ > self.caches["L2"]).long() + (bytes_ > self.caches["L3"]).long()
+    def block_index(self, block: int) -> int:
+        """The fitted efficiency a point runs at: its own block size's, else the nearest fitted one's."""
+        return min(range(len(self.blocks)), key=lambda i: abs(self.blocks[i] - block))
 
-    def forward(self, flops: torch.Tensor, bytes_: torch.Tensor) -> torch.Tensor:
-        bw = torch.exp(self.log_bw)[self.level(bytes_)]
-        return torch.exp(self.log_t0) + flops / torch.exp(self.log_flops) + bytes_ / bw
+    @property
+    def caches(self) -> dict[str, float]:
+        return dict(zip(("L2", "L3"), self.log_caches.detach().exp().tolist()))
+
+    def fitted(self) -> dict:
+        exp = {k: v.detach().exp().tolist() for k, v in self.named_parameters()}
+        return {"t0_s": exp["log_t0"], "flops_per_s": dict(zip(map(str, self.blocks), exp["log_flops"])),
+                "bandwidth_bytes_per_s": dict(zip(self.LEVELS, exp["log_bw"])), "capacity_bytes": self.caches}
+
+    def forward(self, flops: torch.Tensor, bytes_: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+        l2, l3 = self.log_caches.exp()
+        bw = self.log_bw.exp()
+        memory = (bytes_.clamp(max=l2) / bw[0] + (bytes_.clamp(max=l3) - l2).clamp(min=0) / bw[1]
+                  + (bytes_ - l3).clamp(min=0) / bw[2])
+        return self.log_t0.exp() + flops / self.log_flops.exp()[block] + memory
+
+    def predict(self, points: list[Point]) -> torch.Tensor:
+        f, b, _ = _tensors(points)
+        block = torch.tensor([self.block_index(p.q_block) for p in points])
+        return self(f, b, block)
 
 
 def _tensors(points: list[Point]):
@@ -143,30 +181,27 @@ def _tensors(points: list[Point]):
     return f, b, t
 
 
-def fit(points: list[Point], caches: dict[str, int] | None = None, steps: int = 400) -> CpuRoofline:
-    """Fit t0, F and the level bandwidths; the last-level cache's *effective* size (shared with other
-    processes, a VM's slice) is chosen among the gaps between measured working sets, at most the OS's size."""
+def fit(points: list[Point], caches: dict[str, int] | None = None, steps: int = 1500) -> MeasuredRoofline:
+    """Fit t0, each block size's F, the level bandwidths and capacities.  The fit is not convex in the
+    capacities, so it starts the last level at the OS's size and at each gap between measured working sets
+    below it, and keeps the best."""
     caches = caches or cache_sizes()
     sizes = sorted({p.bytes for p in points if caches["L2"] < p.bytes <= caches["L3"]})
-    candidates = [caches["L3"]] + [(a * b) ** 0.5 for a, b in itertools.pairwise(sizes)] + ([sizes[0] * 0.99] if sizes else [])
-    fits = [_fit_once(points, caches | {"L3": c}, steps) for c in candidates]
+    starts = [caches["L3"]] + [(a * b) ** 0.5 for a, b in zip(sizes, sizes[1:])]
+    fits = [_fit_once(points, caches | {"L3": c}, steps) for c in starts]
     return min(fits, key=lambda m: _log_loss(m, points))
 
 
-def _log_loss(model: CpuRoofline, points: list[Point]) -> float:
-    f, b, t = _tensors(points)
-    with torch.no_grad():
-        return float(((torch.log(model(f, b)) - torch.log(t)) ** 2).mean())
+def _log_loss(model: MeasuredRoofline, points: list[Point]) -> torch.Tensor:
+    return ((model.predict(points).log() - _tensors(points)[2].log()) ** 2).mean()
 
 
-def _fit_once(points: list[Point], caches: dict[str, int], steps: int) -> CpuRoofline:
-    model = CpuRoofline(caches)
-    f, b, t = _tensors(points)
+def _fit_once(points: list[Point], caches: dict[str, float], steps: int) -> MeasuredRoofline:
+    model = MeasuredRoofline(caches, [p.q_block for p in points])
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        loss = ((torch.log(model(f, b)) - torch.log(t)) ** 2).mean()
-        loss.backward()
+        _log_loss(model, points).backward()
         opt.step()
     return model
 
@@ -181,18 +216,24 @@ def split(points: list[Point]) -> tuple[list[Point], list[Point]]:
     return train, test
 
 
-def mape(model: CpuRoofline, points: list[Point]) -> float:
-    f, b, t = _tensors(points)
+def mape(model: MeasuredRoofline, points: list[Point]) -> float:
     with torch.no_grad():
-        return float(((model(f, b) - t).abs() / t).mean())
+        t = _tensors(points)[2]
+        return float(((model.predict(points) - t).abs() / t).mean())
 
 
 def naive_mape(train: list[Point], test: list[Point]) -> float:
-    """The anchor: a plain roofline (one bandwidth, no overhead, no cache levels) fitted the same way."""
-    model = _fit_once(train, {"L2": float("inf"), "L3": float("inf")}, 400)
+    """The anchor: a plain roofline, flops / F + bytes / BW (one efficiency, one bandwidth, no overhead), fitted the same way."""
+    f, b, t = _tensors(train)
+    log_f, log_bw = (torch.tensor(v, dtype=torch.float64, requires_grad=True) for v in (23.0, 23.0))
+    opt = torch.optim.Adam([log_f, log_bw], lr=0.05)
+    for _ in range(1500):
+        opt.zero_grad()
+        ((torch.log(f / log_f.exp() + b / log_bw.exp()) - t.log()) ** 2).mean().backward()
+        opt.step()
+    f, b, t = _tensors(test)
     with torch.no_grad():
-        model.log_t0.fill_(-60.0)
-    return mape(model, test)
+        return float(((f / log_f.exp() + b / log_bw.exp() - t).abs() / t).mean())
 
 
 def run_bench(shape: ModelShape, out: Path, grid: dict[str, list[int]] = CI_GRID, repeats: int = 15, seed: int = 0,
@@ -216,16 +257,16 @@ def run_bench(shape: ModelShape, out: Path, grid: dict[str, list[int]] = CI_GRID
     model_min = fit(split(fastest)[0], device_caches(device))
     result = {
         "device": torch.cuda.get_device_name(0) if device == "cuda" else "cpu", "threads": threads or previous, "shape": shape.__dict__, "repeats": repeats,
-        "caches_bytes": model.caches, "caches_bytes_os": device_caches(device),
-        "fitted": {k: v.detach().exp().tolist() for k, v in model.named_parameters()},
+        "caches_bytes_os": device_caches(device),
+        "fitted": model.fitted(),
         "mape_train": mape(model, train), "mape_heldout": mape(model, test),
         "mape_heldout_by_mode": {m: mape(model, [p for p in test if p.mode == m]) for m in grid if any(p.mode == m for p in test)},
         "median_spread": statistics.median(p.spread for p in points),
         "mape_heldout_plain_roofline": naive_mape(train, test),
         "mape_heldout_fastest_repeat": mape(model_min, split(fastest)[1]),
         "max_spread": max(p.spread for p in points),
-        "points": [p.__dict__ | {"predicted_s": float(model(*[torch.tensor([x], dtype=torch.float64) for x in (p.flops, p.bytes)]).detach()),
-                                 "held_out": p in test} for p in points],
+        "points": [p.__dict__ | {"predicted_s": float(predicted), "held_out": p in test}
+                   for p, predicted in zip(points, model.predict(points).detach())],
     }
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

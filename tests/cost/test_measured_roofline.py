@@ -1,0 +1,46 @@
+"""The measured mode's roofline (cost/measure.py) on synthetic timings whose law is known."""
+
+import pytest
+import torch
+
+from cimattn.cost import measure
+from cimattn.cost.workload import ModelShape
+
+SHAPE = ModelShape("smollm2-like", layers=1, heads=9, kv_heads=3, head_dim=64)
+
+
+def _points(law: measure.MeasuredRoofline) -> list[measure.Point]:
+    points = []
+    for mode, ns in measure.FULL_GRID.items():
+        for n in ns:
+            block = measure.q_block(mode, n)
+            flops, bytes_ = measure.counts(SHAPE, mode, n, block=block)
+            p = measure.Point(mode, n, 0.0, 0.0, flops, bytes_, 0.0, block)
+            with torch.no_grad():
+                p.seconds = p.seconds_min = float(law.predict([p]))
+            points.append(p)
+    return points
+
+
+def test_cpu_flash_kernel_block_sizes_and_tile_counts():
+    # PyTorch's CPU flash kernel: 32-row query blocks below 192 tokens, 64 below 768, 256 beyond; decode runs in the 32-row one
+    assert [measure.q_block("prefill", n) for n in (32, 191, 192, 767, 768)] == [32, 32, 64, 64, 256]
+    assert measure.q_block("decode", 100_000) == 32
+    # 4 tokens in one 32-row block: every pair of the 4×4 square is computed, 4·h·d FLOPs per pair
+    flops, _ = measure.counts(SHAPE, "prefill", 4, block=32)
+    assert flops == 4.0 * 16 * 9 * 64
+    # 64 tokens in two 32-row blocks: 32·32 + 32·64 pairs
+    assert measure.counts(SHAPE, "prefill", 64, block=32)[0] == 4.0 * (32 * 32 + 32 * 64) * 9 * 64
+
+
+def test_fit_recovers_a_known_law_and_predicts_held_out_points():
+    law = measure.MeasuredRoofline({"L2": 1 << 20, "L3": 8 << 20}, [32, 64, 256])
+    with torch.no_grad():
+        law.log_t0.fill_(torch.tensor(5e-6).log())
+        law.log_flops.copy_(torch.tensor([2e10, 3e10, 5e10]).log())
+        law.log_bw.copy_(torch.tensor([4e10, 2e10, 4e9]).log())
+    train, test = measure.split(_points(law))
+    model = measure.fit(train, {"L2": 1 << 20, "L3": 32 << 20})
+    assert measure.mape(model, test) < 0.02
+    assert measure.naive_mape(train, test) > 0.1  # the plain roofline cannot: overhead, block sizes, cache levels
+    assert model.fitted()["capacity_bytes"]["L3"] == pytest.approx(8 << 20, rel=0.15)
