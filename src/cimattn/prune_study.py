@@ -71,6 +71,8 @@ METHODS: dict[str, Method] = {
     "sprint-relative-learned": Method("sprint", "relative", {}, "ReRAM scorer, per-layer margins then per-head margins learned "
                                       "against the digital model (LeOPArd-style), one offset back to the keep rate",
                                       {"calibrate_per": "layer", "learn_steps": 20}),
+    "oracle-relative-learned": Method("sprint", "relative", {"kind": "exact"}, "exact q·k, margins learned as sprint-relative-learned "
+                                      "(what learning can reach with a perfect scorer)", {"calibrate_per": "layer", "learn_steps": 20}),
     "sprint-noisy": Method(
         "sprint", "threshold", {"variation_std": 0.05, "comparator_offset_std": 0.01, "read_noise_std": 0.01},
         "ReRAM scorer with 5 % cell variation, 1 % comparator offset and read noise (ours, not sourced: a sensitivity point)",

@@ -74,6 +74,9 @@ def test_summary_writes_curves_front_and_plots(tmp_path, zdt):
         assert len(curve) == 12 and all(b >= a for a, b in zip(curve, curve[1:]))  # hypervolume never drops
     assert s["front"] and all(r["found_by"] for r in s["front"])
     assert "proxy_error" in s and s["proxy_error"]["held_out"] > 0
+    cv = s["proxy_error_cv"]  # 36 evaluations, fewer distinct designs (the proxy starts from random's points): 5 folds
+    assert 20 <= cv["evaluations"] <= 36 and 0 <= cv["f1"]["mean_relative_error"] < float("inf") and -1 <= cv["f1"]["spearman"] <= 1
+    assert "cross-validation" in (tmp_path / "front.md").read_text()
     for f in ("summary.json", "front.md", "hypervolume.png", "front.png"):
         assert (tmp_path / f).stat().st_size > 0
 
