@@ -92,7 +92,7 @@ def proxy_error(space: Space, train: list, test: list, seed: int = 0) -> dict:
     return out
 
 
-def proxy_error_cv(space: Space, evaluations: list, folds: int = 5, seed: int = 0) -> dict:
+def proxy_error_cv(space: Space, evaluations: list, folds: int = CV_FOLDS, seed: int = 0) -> dict:
     """`proxy_error` in k-fold cross-validation over every method's evaluations: the proxy's accuracy over the
     space the study covered, without the shift from the proxy's own points (crowded at the front) to the rest."""
     order = np.random.default_rng(seed).permutation(len(evaluations))
