@@ -96,8 +96,10 @@ def proxy_error_cv(space: Space, evaluations: list, folds: int = CV_FOLDS, seed:
     """`proxy_error` in k-fold cross-validation over every method's evaluations: the proxy's accuracy over the
     space the study covered, without the shift from the proxy's own points (crowded at the front) to the rest."""
     order = np.random.default_rng(seed).permutation(len(evaluations))
-    parts = [proxy_error(space, [evaluations[i] for i in order if i not in set(fold)], [evaluations[i] for i in fold], seed)
-             for fold in np.array_split(order, folds)]
+    parts = []
+    for fold in np.array_split(order, folds):
+        held = set(fold.tolist())
+        parts.append(proxy_error(space, [evaluations[i] for i in order if i not in held], [evaluations[i] for i in fold], seed))
     out = {"folds": folds, "evaluations": len(evaluations)}
     for o in space.objectives:
         out[o.metric] = {k: float(np.nanmean([part[o.metric][k] for part in parts])) for k in ("mean_relative_error", "spearman")}

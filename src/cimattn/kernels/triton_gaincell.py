@@ -276,6 +276,19 @@ def gaincell_prefill_fwd(
 
 
 @triton.jit
+def _query_block(Q, GN, GD, b, h, H, T, offs_m, offs_d, m_ok, md_ok,
+                 sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd, BLOCK_M: tl.constexpr, NORMALIZE: tl.constexpr):
+    """A block of queries (and Σ_d q) with the gradients of their tile sums and, normalised, of their ΣA read-outs; fp32."""
+    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=md_ok, other=0.0).to(tl.float32)
+    gn = tl.load(GN + b * sgb + h * sgh + offs_m[:, None] * sgt + offs_d[None, :] * sgd, mask=md_ok, other=0.0).to(tl.float32)
+    if NORMALIZE:
+        gd = tl.load(GD + (b * H + h) * T + offs_m, mask=m_ok, other=0.0).to(tl.float32)
+    else:
+        gd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    return q, tl.sum(q, 1), gn, gd
+
+
+@triton.jit
 def gaincell_bwd_dq(
     Q, K, V, GN, GD, DQ,
     sqb, sqh, sqt, sqd,
@@ -302,13 +315,8 @@ def gaincell_bwd_dq(
     d_ok = offs_d < D
     md_ok = m_ok[:, None] & d_ok[None, :]
 
-    q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=md_ok, other=0.0).to(tl.float32)
-    q_sum = tl.sum(q, 1)
-    gn = tl.load(GN + b * sgb + h * sgh + offs_m[:, None] * sgt + offs_d[None, :] * sgd, mask=md_ok, other=0.0).to(tl.float32)
-    if NORMALIZE:
-        gd = tl.load(GD + pid_bh * T + offs_m, mask=m_ok, other=0.0).to(tl.float32)
-    else:
-        gd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    q, q_sum, gn, gd = _query_block(Q, GN, GD, b, h, H, T, offs_m, offs_d, m_ok, md_ok,
+                                    sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd, BLOCK_M, NORMALIZE)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
 
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
@@ -372,13 +380,8 @@ def gaincell_bwd_dkdv(
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
             md_ok = m_ok[:, None] & d_ok[None, :]
-            q = tl.load(Q + b * sqb + h * sqh + offs_m[:, None] * sqt + offs_d[None, :] * sqd, mask=md_ok, other=0.0).to(tl.float32)
-            q_sum = tl.sum(q, 1)
-            gn = tl.load(GN + b * sgb + h * sgh + offs_m[:, None] * sgt + offs_d[None, :] * sgd, mask=md_ok, other=0.0).to(tl.float32)
-            if NORMALIZE:
-                gd = tl.load(GD + (b * H + h) * T + offs_m, mask=m_ok, other=0.0).to(tl.float32)
-            else:
-                gd = tl.zeros((BLOCK_M,), dtype=tl.float32)
+            q, q_sum, gn, gd = _query_block(Q, GN, GD, b, h, H, T, offs_m, offs_d, m_ok, md_ok,
+                                            sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd, BLOCK_M, NORMALIZE)
             m_last = tl.minimum(m0 + BLOCK_M, T) - 1
             r_first = tl.maximum(m0 - W + 1, 0) // TPA
             r_last = m_last // TPA
