@@ -97,8 +97,14 @@ def parse_sizes(text: str, name: str) -> tuple[int, ...]:
     return sizes
 
 
-def devices() -> list[str]:
-    return ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+def devices(only: str | None = None) -> list[str]:
+    """The devices a run times: every one present, or just `only` (a CimattnError when it is absent)."""
+    present = ["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"]
+    if only is None:
+        return present
+    if only not in present:
+        raise CimattnError(f"bench --device {only}: choose one of {', '.join(present)} (the devices present here)")
+    return [only]
 
 
 # ---------------------------------------------------------------- measuring
@@ -365,23 +371,26 @@ def run_bench(
     seed: int = 0,
     progress: Callable | None = None,
     log: Callable[[str], None] = lambda message: None,
+    device: str | None = None,
 ) -> dict:
-    """Time everything in `grid` on every device present; write OUT/bench.json and OUT/bench.png; return the record."""
+    """Time everything in `grid` on every device present (or on `device`); write OUT/bench.json and OUT/bench.png; return
+    the record."""
     from cimattn.models import load_model
 
     out = Path(out)
+    timed = devices(device)
     load_before = os.getloadavg()
     started = time.time()
     hardware, skipped = hardware_presets(log)  # once: a preset edited during the run cannot break it
     model, _ = load_model(model_name, seed=seed)
     shape = model_shape(model)
     points = (len(grid.prefill) + len(grid.decode)) * len(grid.batch) * (1 + len(hardware))
-    total = len(devices()) * (points + (1 + len(hardware) if grid.context else 0))
-    if "cuda" in devices():
+    total = len(timed) * (points + (1 + len(hardware) if grid.context else 0))
+    if "cuda" in timed:
         total += len(grid.prefill) * len(grid.batch) * (1 + len(set(TRAINED) & set(hardware)))
     attention_rows, model_rows = [], []
     with torch.no_grad(), (progress or _no_progress)("bench", total) as step:
-        for device in devices():
+        for device in timed:
             log(f"attention calls on {device} ({_device_name(device)})")
             attention_rows += bench_attention(shape, grid, device, seed, hardware, step)
             if grid.context:
@@ -392,8 +401,8 @@ def run_bench(
         "seed": seed,
         "git_commit": git_commit(),
         "versions": versions() | {"triton": _version("triton")},
-        "devices": {d: _device_name(d) for d in devices()},
-        "dtypes": {d: str(DTYPES[d]).removeprefix("torch.") for d in devices()},
+        "devices": {d: _device_name(d) for d in timed},
+        "dtypes": {d: str(DTYPES[d]).removeprefix("torch.") for d in timed},
         "threads": torch.get_num_threads(),
         "load_average": {"before": list(load_before), "after": list(os.getloadavg())},
         "seconds": time.time() - started,

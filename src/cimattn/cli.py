@@ -46,6 +46,7 @@ Text = Annotated[
 EvalTokens = Annotated[int, typer.Option(min=2, help="Tokens of held-out text to score.")]
 Context = Annotated[int, typer.Option(min=2, help="Window length for perplexity, in tokens.")]
 Out = Annotated[Path, typer.Option(help="Run directory (results.json, report.md, plots, adapted/).")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")]
 
 
 class _Console:
@@ -91,6 +92,7 @@ def run(
     eval_tokens: EvalTokens = 4096,
     context: Context = 1024,
     budget: Annotated[float | None, typer.Option(min=0, help="Wall-clock seconds for adaptation (default: the preset's recipe).")] = None,
+    device: Device = "cpu",
     seed: Seed = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -99,7 +101,8 @@ def run(
     from cimattn.pipeline import RunSpec, run_pipeline
 
     ui = _setup(seed, quiet)
-    spec = RunSpec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget, seed=seed)
+    spec = RunSpec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget, seed=seed,
+                   device=device)
     results = run_pipeline(spec, progress=ui.progress, log=ui.log)
     _print_metrics(ui, results, out)
 
@@ -113,6 +116,7 @@ def adapt(
     eval_tokens: EvalTokens = 4096,
     text: Text = None,
     budget: Annotated[float | None, typer.Option(min=0, help="Wall-clock seconds for adaptation (default: the preset's recipe).")] = None,
+    device: Device = "cpu",
     seed: Seed = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -121,7 +125,8 @@ def adapt(
     from cimattn.pipeline import RunSpec, run_pipeline
 
     ui = _setup(seed, quiet)
-    spec = RunSpec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget, seed=seed)
+    spec = RunSpec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget, seed=seed,
+                   device=device)
     results = run_pipeline(spec, progress=ui.progress, log=ui.log, stages=("convert", "adapt", "report"))
     _print_metrics(ui, results, out)
 
@@ -135,6 +140,7 @@ def eval_(
     text: Text = None,
     eval_tokens: EvalTokens = 4096,
     context: Context = 1024,
+    device: Device = "cpu",
     seed: Seed = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -144,7 +150,7 @@ def eval_(
 
     ui = _setup(seed, quiet)
     results = evaluate_models(model=model, preset=preset, adapted=adapted, out=out, text=text,
-                              eval_tokens=eval_tokens, context=context, seed=seed, progress=ui.progress)
+                              eval_tokens=eval_tokens, context=context, seed=seed, device=device, progress=ui.progress)
     _print_metrics(ui, results, out)
 
 
@@ -180,7 +186,7 @@ def lm_eval(
     limit: Annotated[float | None, typer.Option(min=0, help="Documents per task (an integer), or a fraction below 1.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Requests per forward.")] = 1,
     max_length: Annotated[int | None, typer.Option(min=2, help="Longest context in tokens (default: the gain-cell window).")] = None,
-    device: Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")] = "cpu",
+    device: Device = "cpu",
     out: Out = Path("runs/lm-eval"),
     seed: Seed = 0,
     quiet: Quiet = False,
@@ -380,6 +386,7 @@ def bench(
     context: Annotated[int, typer.Option(min=0, help="Context of the whole-model timing in tokens (0: skip it).")] = 1024,
     repeats: Annotated[int, typer.Option(min=1, help="Timings per point after a warm-up; the median is kept.")] = 5,
     full: Annotated[bool, typer.Option("--full", help="Issue 9's grid: prefill 512-8k, decode 1k-8k, batch 1-16 (long on a CPU).")] = False,
+    device: Annotated[str | None, typer.Option(help="Time only this device (cpu or cuda); default: every device present.")] = None,
     seed: Seed = 0, quiet: Quiet = False, debug: Debug = False,
 ):
     """Simulation speed: digital SDPA vs each hardware attention (calls and whole model), CPU and CUDA; ratios to digital."""
@@ -389,7 +396,7 @@ def bench(
     grid = Grid(parse_sizes(prefill, "prefill"), parse_sizes(decode, "decode"), parse_sizes(batch, "batch"), context, repeats)
     if full:
         grid = Grid(FULL_GRID.prefill, FULL_GRID.decode, FULL_GRID.batch, context, repeats)
-    record = run_bench(model, out, grid, seed=seed, progress=ui.progress, log=ui.log)
+    record = run_bench(model, out, grid, seed=seed, progress=ui.progress, log=ui.log, device=device)
     for table in tables(record):
         Console(quiet=quiet).print(table)
     ui.log(f"results: {Path(out) / 'bench.json'}, {Path(out) / 'bench.png'}")

@@ -44,6 +44,7 @@ class RunSpec:
     context: int = 1024
     budget_s: float | None = None  # wall-clock seconds for adaptation; None = the preset's recipe
     seed: int = 0
+    device: str = "cpu"  # where the model runs: cpu, cuda, cuda:1, …
 
     def key(self) -> dict:
         return {k: str(v) for k, v in self.__dict__.items() if k != "out"}
@@ -110,7 +111,12 @@ def load(run: Run) -> None:
     from cimattn.models import load_model
 
     torch.manual_seed(run.spec.seed)
+    device = torch_device(run.spec.device)
     run.model, run.tokenizer = load_model(run.spec.model, seed=run.spec.seed)
+    run.model.to(device)
+    if device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls: far below the converters' resolution
+        torch.backends.cuda.matmul.allow_tf32 = True
+        run.results["device"] = {"name": torch.cuda.get_device_name(device), "float32_matmul": "tf32"}
     # Calibration and fine-tuning always read the bundled corpus' training works,
     # so they never see the evaluated text, bundled or the user's.
     run.eval_ids = tokenize_cached(run.tokenizer, load_text(run.spec.text, "eval"))
@@ -267,6 +273,19 @@ def _timed(run: Run, name: str, stage: Callable[[Run], str | None], log: Callabl
     log(f"{name}: {run.results['timings'][name]:.1f} s")
 
 
+def torch_device(name: str) -> torch.device:
+    """A device the model can run on, or a CimattnError that says why not."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise CimattnError(f"--device '{name}': give cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise CimattnError(f"--device {name}: no CUDA device here (torch {torch.__version__}); use --device cpu")
+    if device.type not in ("cpu", "cuda"):
+        raise CimattnError(f"--device {name}: cimattn runs on cpu or cuda")
+    return device
+
+
 def hardware_window(hardware: HardwareConfig) -> int | float:
     return hardware.gaincell.window_tokens if hardware.gaincell else float("inf")
 
@@ -310,11 +329,12 @@ def hardware_model(model: str, preset: str | None, adapted: Path | None, seed: i
 
 def evaluate_models(
     *, model: str, preset: str | None, adapted: Path | None, out: Path, text: str | None,
-    eval_tokens: int, context: int, seed: int, progress: Callable = no_progress,
+    eval_tokens: int, context: int, seed: int, device: str = "cpu", progress: Callable = no_progress,
 ) -> dict:
     """`cimattn eval`: the digital perplexity and, given a preset or adapted parameters, the hardware one."""
     source = hardware_source(preset, adapted) or "digital"
-    spec = RunSpec(model=model, preset=source, out=out, text=text, eval_tokens=eval_tokens, context=context, seed=seed)
+    spec = RunSpec(model=model, preset=source, out=out, text=text, eval_tokens=eval_tokens, context=context, seed=seed,
+                   device=device)
     hardware = load_preset(source)
     run = Run(spec=spec, hardware=hardware, progress=progress, results=new_results(spec, hardware, None))
     Path(out).mkdir(parents=True, exist_ok=True)

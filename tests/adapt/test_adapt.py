@@ -182,7 +182,7 @@ def test_killed_adaptation_resumes_to_the_same_parameters(tmp_path, monkeypatch)
         assert torch.equal(value, whole[key])
 
 
-@pytest.mark.parametrize("which", ["scalers", "attention"])
+@pytest.mark.parametrize("which", ["scalers", "lora", "attention"])
 def test_layerwise_distillation_lowers_each_layers_error(which):
     from cimattn.adapt.layerwise import capture_teacher, train_layers
 

@@ -4,6 +4,7 @@ import json
 import sys
 
 import pytest
+import torch
 
 from cimattn.cli import main
 
@@ -50,12 +51,13 @@ def _bad_inputs(tmp_path):
         "empty text": (["eval", *common, "--text", empty], "empty"),
         "context above the model's": (["eval", "--model", "tiny-llama", "--out", tmp_path / "r", "--context", 100000], "context"),
         "context above the window": (["run", *common[:-2], "--context", 128, "--preset", strict_window], "window"),
+        "unknown device": (["eval", *common, "--device", "tpu"], "--device"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing text file", "malformed yaml", "unknown preset key", "value out of range", "unknown preset",
-    "unknown model", "empty text", "context above the model's", "context above the window",
+    "unknown model", "empty text", "context above the model's", "context above the window", "unknown device",
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, monkeypatch, capsys, tmp_path, case):
     args, needle = _bad_inputs(tmp_path)[case]
@@ -123,6 +125,25 @@ def test_gaincell_run_then_eval_and_generate_the_adapted_model(cli, monkeypatch,
                           "--max-new-tokens", 8, "--quiet")
     assert code == 0, err
     assert text.startswith("To be") and len(text.strip()) > len("To be")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_gaincell_run_on_cuda_with_lora_ships_parameters_the_cpu_reproduces(cli, monkeypatch, capsys, tmp_path, tiny_text):
+    preset = tmp_path / "tiny-lora.yaml"
+    preset.write_text(
+        "attention: gaincell\ngaincell: {window_tokens: 64, tokens_per_array: 16, normalize: true}\n"
+        "adapt: {calib_tokens: 128, calib_context: 32, skip: [init], layerwise_steps: 2, finetune_steps: 2, train: lora, lora_rank: 4}\n"
+    )
+    out = tmp_path / "run"
+    common = ["--model", "tiny-llama", "--text", tiny_text, "--eval-tokens", 256, "--context", 64, "--quiet"]
+    code, _, err = cli("run", *common, "--preset", preset, "--out", out, "--device", "cuda")
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["device"]["name"] == torch.cuda.get_device_name()
+    code, _, err = cli("eval", *common, "--adapted", out / "adapted", "--out", tmp_path / "eval")  # on the CPU
+    assert code == 0, err
+    again = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
+    assert again["ppl_hardware_adapted"] == pytest.approx(results["metrics"]["ppl_hardware_adapted"], rel=2e-2)
 
 
 def test_unsupported_architecture_is_one_line(cli, monkeypatch, capsys, tmp_path):

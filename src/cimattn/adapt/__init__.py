@@ -73,7 +73,7 @@ def adapt_model(
     """
     recipe = hardware.adapt.model_copy(update={"calib_context": hardware.adapt.calib_context or context})
     started = time.perf_counter()
-    batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context)
+    batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context).to(next(model.parameters()).device)
     final_cell = hardware.gaincell.cell
     state = checkpoint.read_state(checkpoint_dir)
     if state:  # resume: the parameters of the last finished stage

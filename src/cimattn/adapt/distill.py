@@ -62,7 +62,7 @@ def distill(
     """
     from accelerate import Accelerator
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    accelerator = Accelerator(cpu=next(student.parameters()).device.type == "cpu")  # where the caller put the model
     optimizer = torch.optim.AdamW(parameters.values(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     prepared, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from cimattn.config import Adapt
-from cimattn.models.convert import decoder_layers
+from cimattn.models.convert import decoder_layers, trains
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 SCALERS = "cim.scalers."  # in the name of every hardware scaler parameter
@@ -95,8 +95,8 @@ def block_output(block: torch.nn.Module, hidden: torch.Tensor, call: Call) -> to
 
 
 def layer_parameters(module: torch.nn.Module, which: str) -> dict[str, torch.nn.Parameter]:
-    """What trains in one attention module: its hardware scalers, or (attention/all) every parameter it has."""
-    return {name: p for name, p in module.named_parameters() if which != "scalers" or SCALERS in name}
+    """What trains in one attention module: its hardware scalers, with its LoRA adapters, or every parameter it has."""
+    return {name: p for name, p in module.named_parameters() if trains(name, which)}
 
 
 def adamw(parameters: dict[str, torch.nn.Parameter], recipe: Adapt) -> torch.optim.AdamW:

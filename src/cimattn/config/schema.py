@@ -336,7 +336,11 @@ class Adapt(Strict):
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip — " + LEROUX)
     warmup_steps: int = Field(0, ge=0, description="linear learning-rate warm-up [steps]")
     batch_size: int = Field(1, ge=1, description="sequences per step [1]")
-    train: Literal["scalers", "attention", "all"] = Field("scalers", description="which parameters fine-tuning trains")
+    train: Literal["scalers", "lora", "attention", "all"] = Field(
+        "scalers", description="which parameters layer-wise and end-to-end distillation train: the hardware scalers; those "
+        "and low-rank adapters on the attention projections (ours: a few MB to ship); those and the full projections; everything",
+    )
+    lora_rank: int = Field(16, ge=1, le=1024, description="rank of the LoRA adapters when train is 'lora' [1]")
     skip: list[Literal["linear_finetune", "init", "layerwise", "finetune"]] = Field(
         [], description="stages not run (their budget share goes to the later ones): the linear model's fine-tuning, "
         "the initialization algorithm, layer-wise distillation, end-to-end fine-tuning",

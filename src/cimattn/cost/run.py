@@ -76,10 +76,10 @@ def shape_of(model_name: str, config=None) -> ModelShape:
     """The attention shape of a run's model: from its config when given, else by name (tiny, bundled, local, hub cache)."""
     if config is not None:
         return ModelShape.from_config(config, model_name)
-    from cimattn.models.loading import DEFAULT_MODEL, TINY_CONFIGS
+    from cimattn.models.loading import DEFAULT_MODEL, RANDOM_MODELS
 
-    if model_name in TINY_CONFIGS:
-        return ModelShape.from_config(TINY_CONFIGS[model_name](), model_name)
+    if model_name in RANDOM_MODELS:
+        return ModelShape.from_config(RANDOM_MODELS[model_name](), model_name)
     if model_name == DEFAULT_MODEL:
         local = cache_dir("models") / DEFAULT_MODEL
         return _from_dir(local, model_name) if (local / "config.json").is_file() else SHAPES[DEFAULT_MODEL]

@@ -17,13 +17,13 @@ from cimattn.models.convert import (
 )
 from cimattn.models.loading import (
     DEFAULT_MODEL,
-    TINY_CONFIGS,
+    RANDOM_MODELS,
     byte_tokenizer,
     load_model,
 )
 
 __all__ = [
-    "DEFAULT_MODEL", "SCALERS", "TINY_CONFIGS", "attention_modules", "byte_tokenizer", "convert", "hardware_layers",
+    "DEFAULT_MODEL", "SCALERS", "RANDOM_MODELS", "attention_modules", "byte_tokenizer", "convert", "hardware_layers",
     "hardware_parameters", "hardware_state_dict", "hardware_stats", "load_hardware_state", "load_model",
     "recorded_stats", "reset_noise", "scaler_parameters", "set_cell", "trainable_parameters",
 ]

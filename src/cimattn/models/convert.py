@@ -42,6 +42,9 @@ from cimattn.attention.prune_recompute import PruneRecomputeParams
 from cimattn.config.schema import HardwareConfig
 from cimattn.errors import CimattnError
 from cimattn.models.loading import check_supported
+from cimattn.models.lora import LORA, attach_lora
+
+TrainSet = Literal["scalers", "lora", "attention", "all"]
 
 
 def attention_modules(model: nn.Module) -> list[tuple[int, nn.Module]]:
@@ -83,6 +86,8 @@ def convert(model: nn.Module, hw: HardwareConfig) -> nn.Module:
             n_heads, n_kv_heads, head_dim = _head_shape(module)
             device = next(module.parameters()).device
             module.cim = GainCellParams(physics, n_heads, n_kv_heads, head_dim, layer_idx=module.layer_idx).to(device)
+            if hw.adapt.train == "lora":
+                attach_lora(module, hw.adapt.lora_rank)
     elif hw.attention == "prune_recompute":  # per-layer thresholds and converter ranges, calibrated by the adapt stage
         physics = hw.prune_recompute.model_copy(deep=True)
         for _, module in modules:
@@ -139,20 +144,24 @@ def _scaler_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in model.named_parameters() if ".cim.scalers." in name}
 
 
-def trainable_parameters(model: nn.Module, which: Literal["scalers", "attention", "all"] = "scalers") -> dict[str, nn.Parameter]:
-    """{name: parameter} to fine-tune: the scalers; the scalers and the attention modules' own weights; or everything."""
+def trainable_parameters(model: nn.Module, which: TrainSet = "scalers") -> dict[str, nn.Parameter]:
+    """{name: parameter} to fine-tune: the scalers; the scalers and the LoRA adapters; the scalers and the attention
+    modules' own weights; or everything."""
     _require_hardware(model)
-    if which == "scalers":
-        return _scaler_named_parameters(model)
-    if which == "attention":
-        names = tuple(f"{n}." for n, _ in _named_attention_modules(model))
-        return {n: p for n, p in model.named_parameters() if n.startswith(names)}
-    if which == "all":
-        return dict(model.named_parameters())
-    raise CimattnError(f"unknown parameter set '{which}': choose scalers, attention or all")
+    if which not in ("scalers", "lora", "attention", "all"):
+        raise CimattnError(f"unknown parameter set '{which}': choose scalers, lora, attention or all")
+    attention = tuple(f"{n}." for n, _ in _named_attention_modules(model))
+    return {n: p for n, p in model.named_parameters() if trains(n, which) and (which != "attention" or n.startswith(attention))}
 
 
-def hardware_state_dict(model: nn.Module, which: Literal["scalers", "attention", "all"] = "scalers") -> dict[str, torch.Tensor]:
+def trains(name: str, which: TrainSet) -> bool:
+    """Whether parameter `name` (of a model or of one attention module) is in set `which`; "attention" within one module."""
+    if which in ("attention", "all"):
+        return True
+    return ".cim.scalers." in f".{name}" or (which == "lora" and LORA in f".{name}")
+
+
+def hardware_state_dict(model: nn.Module, which: TrainSet = "scalers") -> dict[str, torch.Tensor]:
     """{name: tensor} of what `trainable_parameters(model, which)` names: detached CPU copies, safetensors-ready."""
     return {name: p.detach().to("cpu", copy=True).contiguous() for name, p in trainable_parameters(model, which).items()}
 

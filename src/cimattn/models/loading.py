@@ -27,7 +27,9 @@ BUNDLED_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 BYTE_VOCAB = 256  # tiny models read bytes: no tokenizer download, any text works
 TINY_VOCAB = BYTE_VOCAB + 1  # + end-of-text
-TINY_CONFIGS = {
+# Models built in code with random weights (no download): tiny ones for the tests, and published shapes for
+# the simulator's speed and memory at real sizes (`cimattn bench --model random-llama-1b`), never for quality.
+RANDOM_MODELS = {
     # RoPE + GQA (4 query heads share 2 KV heads), like SmolLM2 / Llama
     "tiny-llama": lambda: LlamaConfig(
         vocab_size=TINY_VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -46,6 +48,13 @@ TINY_CONFIGS = {
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
         bos_token_id=BYTE_VOCAB, eos_token_id=BYTE_VOCAB, pad_token_id=BYTE_VOCAB, tie_word_embeddings=True,
     ),
+    # GPT-2 XL (Radford et al. 2019): 48 layers, 25 heads of 64, 1.56 B parameters
+    "random-gpt2-xl": lambda: GPT2Config(n_embd=1600, n_layer=48, n_head=25, n_positions=1024),
+    # Llama 3.2 1B (Meta 2024): 16 layers, 32 query / 8 KV heads of 64, 1.24 B parameters
+    "random-llama-1b": lambda: LlamaConfig(
+        vocab_size=128256, hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, max_position_embeddings=131072, rope_theta=500000.0, tie_word_embeddings=True,
+    ),
 }
 
 
@@ -58,9 +67,9 @@ def load_model(name: str = DEFAULT_MODEL, *, seed: int = 0, dtype: torch.dtype =
     """
     if name == DEFAULT_MODEL:
         model, tokenizer = _load_bundled(dtype)
-    elif name in TINY_CONFIGS:
+    elif name in RANDOM_MODELS:
         torch.manual_seed(seed)
-        model = AutoModelForCausalLM.from_config(TINY_CONFIGS[name](), dtype=dtype)
+        model = AutoModelForCausalLM.from_config(RANDOM_MODELS[name](), dtype=dtype)
         tokenizer = byte_tokenizer()
     else:
         model, tokenizer = _load_pretrained(name, dtype)
@@ -122,7 +131,7 @@ def _load_pretrained(name: str, dtype: torch.dtype):
     path = Path(name)
     if not path.exists() and (name.startswith((".", "/", "~")) or name.count("/") != 1):
         raise CimattnError(
-            f"unknown model '{name}': give '{DEFAULT_MODEL}', a tiny test model ({', '.join(TINY_CONFIGS)}), "
+            f"unknown model '{name}': give '{DEFAULT_MODEL}', a model built in code ({', '.join(RANDOM_MODELS)}), "
             "a local model directory, or a hub id like 'HuggingFaceTB/SmolLM2-135M'"
         )
     try:
