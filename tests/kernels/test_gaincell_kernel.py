@@ -151,28 +151,30 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
 
 
 def test_backend_picks_the_kernel_or_the_torch_path(monkeypatch):
-    """`cim.backend`: "triton" runs the kernels (here in the interpreter), "torch" the reference; "auto" on CPU is torch."""
+    """`cim.backend`: "triton" runs the kernels (in the interpreter on CPU tensors), "torch" the reference; "auto" is
+    the kernel on CUDA tensors and torch on CPU ones."""
     cfg = physics(rate_per_token=0.02)
-    q, k, v = (x.float() for x in inputs(32))
+    q, k, v = (x.float().to(DEVICE) for x in inputs(32))
     launched, launch = [], reference_path.kernels.gaincell_prefill
     monkeypatch.setattr(reference_path.kernels, "gaincell_prefill", lambda *a, **kw: launched.append(1) or launch(*a, **kw))
     outs = {}
     for backend in ("torch", "triton", "auto"):
         module = torch.nn.Module()
-        module.cim = GainCellParams(cfg, H, HKV, D)
+        module.cim = GainCellParams(cfg, H, HKV, D).to(DEVICE)
         module.cim.backend = backend
         with torch.no_grad():
             outs[backend] = gaincell_attention(module, q, k, v, None)[0]
-        assert len(launched) == (backend == "triton"), backend
+        assert len(launched) == (backend == "triton" or (backend == "auto" and q.is_cuda)), backend
         launched.clear()
     assert torch.allclose(outs["triton"], outs["torch"], atol=1e-4)
     module.cim.backend = "cuda"
     with pytest.raises(CimattnError, match="attention backend"):
         gaincell_attention(module, q, k, v, None)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
+    module.cim = module.cim.cpu()
     module.cim.backend = "triton"
     with pytest.raises(CimattnError, match="CUDA"):
-        gaincell_attention(module, q, k, v, None)
+        gaincell_attention(module, q.cpu(), k.cpu(), v.cpu(), None)
 
 
 # ---------------------------------------------------------------- normalize and the backward

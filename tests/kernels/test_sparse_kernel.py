@@ -150,10 +150,11 @@ def test_half_precision_inputs_are_computed_in_fp32():
 
 def attend(selection, q, k, v, mask, recompute, dtype, **kw):
     module = nn.Module()
-    module.cim = PruneRecomputeParams(PruneRecompute(scorer=Scorer(kind="random"), selection=selection), q.shape[1], k.shape[1], q.shape[-1])
+    module.cim = PruneRecomputeParams(PruneRecompute(scorer=Scorer(kind="random"), selection=selection), q.shape[1], k.shape[1], q.shape[-1]).to(DEVICE)
     module.cim.backend = recompute
     with torch.no_grad():
-        out, _ = prune_recompute_attention(module, *(x.to(DEVICE, dtype) for x in (q, k, v)), mask, scaling=SCALING, **kw)
+        out, _ = prune_recompute_attention(module, *(x.to(DEVICE, dtype) for x in (q, k, v)), mask if mask is None else mask.to(DEVICE),
+                                           scaling=SCALING, **kw)
     return out.double().cpu()
 
 
@@ -165,7 +166,7 @@ def test_prune_recompute_attention_with_the_kernel(window):
     selection = Selection(rule="keep_rate", keep_rate=0.3, recent_tokens=1)
     ref64 = attend(selection, q, k, v, mask, "torch", torch.float64, sliding_window=window)
     ref32 = attend(selection, q, k, v, mask, "torch", torch.float32, sliding_window=window)
-    out = attend(selection, q, k, v, mask.to(DEVICE), "triton", torch.float32, sliding_window=window)
+    out = attend(selection, q, k, v, mask, "triton", torch.float32, sliding_window=window)
     assert out.shape == (2, 40, 4, 16)
     assert (out - ref64).abs().max() <= 2 * (ref32 - ref64).abs().max() + FLOOR
     assert (out[1, :4] == 0).all()  # padded queries see no key
@@ -177,9 +178,9 @@ def test_kernel_and_torch_recompute_agree_on_the_presets(preset):
     cfg = load_preset("sprint" if preset == "exact oracle" else preset).prune_recompute
     if preset == "exact oracle":
         cfg = cfg.model_copy(update={"scorer": Scorer(kind="exact")})
-    q, k, v = (x.float() for x in inputs(h=4, hkv=2, t=80, s=80))  # 2 × 2 blocks of 64: the causal corner is skipped
+    q, k, v = (x.float().to(DEVICE) for x in inputs(h=4, hkv=2, t=80, s=80))  # 2 × 2 blocks of 64: the causal corner is skipped
     module = nn.Module()
-    module.cim = PruneRecomputeParams(cfg, 4, 2, 16)
+    module.cim = PruneRecomputeParams(cfg, 4, 2, 16).to(DEVICE)
     module.cim.calibrate_to = 0.25
     with torch.no_grad():
         prune_recompute_attention(module, q, k, v, None)
@@ -188,14 +189,14 @@ def test_kernel_and_torch_recompute_agree_on_the_presets(preset):
         for recompute in ("torch", "triton"):
             module.cim.backend = recompute
             with collect_telemetry(module) as telemetry:
-                outs[recompute] = prune_recompute_attention(module, q.to(DEVICE), k.to(DEVICE), v.to(DEVICE), None)[0].cpu()
+                outs[recompute] = prune_recompute_attention(module, q, k, v, None)[0].cpu()
     assert telemetry.summary()["keep_rate"] < 0.6  # pruned
     torch.testing.assert_close(outs["triton"], outs["torch"], rtol=0, atol=1e-5)
 
 
 def test_unsupported_calls_are_named(monkeypatch):
-    q, k, v = (x.float() for x in inputs())
-    keep = visible(2, 40, 40).expand(2, 4, 40, 40)
+    q, k, v = (x.float().to(DEVICE) for x in inputs())
+    keep = visible(2, 40, 40).expand(2, 4, 40, 40).to(DEVICE)
     assert unsupported(q, k, v, keep) is None
     assert "float64" in unsupported(q.double(), k.double(), v.double(), keep)
     assert "boolean" in unsupported(q, k, v, keep.float())
@@ -205,7 +206,7 @@ def test_unsupported_calls_are_named(monkeypatch):
     with pytest.raises(CimattnError, match="power of two"):
         sparse_attention(q.detach(), k, v, keep, SCALING, block_n=24)
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert "CUDA" in unsupported(q.detach(), k, v, keep)
+    assert "CUDA" in unsupported(q.detach().cpu(), k.cpu(), v.cpu(), keep.cpu())
     if not torch.cuda.is_available():  # forcing the kernel on CPU names the reason; "auto" falls back to torch
         selection = Selection(rule="keep_rate", keep_rate=0.5)
         with pytest.raises(CimattnError, match="CUDA"):

@@ -99,9 +99,9 @@ def teacher_targets(
     for layer, module in attention_modules(model):
         g = module.cim.config
         for name, quantizer in (("q", g.q), ("k", g.k), ("v", g.v)):
-            heads = scaler_parameters(module, name)[0].numel()
+            a = scaler_parameters(module, name)[0]  # one per head, on the model's device
             mid, std = (quantizer.low + quantizer.high) / 2, (quantizer.high - quantizer.low) * spread[name]
-            targets[(layer, name)] = (torch.full((heads,), mid), torch.full((heads,), std))
+            targets[(layer, name)] = (torch.full_like(a, mid), torch.full_like(a, std))
     for layer, (mu, sd) in teacher_attention_output_stats(teacher, batch).items():
         targets[(layer, "out")] = (mu, sd)
     return targets

@@ -421,9 +421,9 @@ class PruneTelemetry:
         counts.bytes_per_token, counts.buffer_tokens = cim.bytes_per_token, cim.buffer_tokens
         counts.add(
             queries=int((n_visible > 0).sum()),
-            visible=(n_visible.sum() * torch.ones(h)).double(),
+            visible=torch.full((h,), float(n_visible.sum()), dtype=torch.float64),
             kept=keep.sum(dim=(0, 2, 3)).double().cpu(),
-            kv_visible=(n_visible.sum() * torch.ones(hkv)).double(),
+            kv_visible=torch.full((hkv,), float(n_visible.sum()), dtype=torch.float64),
             kv_kept=kv_keep.sum(dim=(0, 2, 3)).double().cpu(),
             fetched=fetched.sum(dim=(0, 2)).double().cpu(),
             new=new.sum(dim=(0, 2)).double().cpu(),
