@@ -114,9 +114,7 @@ def load(run: Run) -> None:
     device = torch_device(run.spec.device)
     run.model, run.tokenizer = load_model(run.spec.model, seed=run.spec.seed)
     run.model.to(device)
-    if device.type == "cuda":  # TF32 tensor cores for the fp32 matmuls: far below the converters' resolution
-        torch.backends.cuda.matmul.allow_tf32 = True
-        run.results["device"] = {"name": torch.cuda.get_device_name(device), "float32_matmul": "tf32"}
+    run.results["device"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     # Calibration and fine-tuning always read the bundled corpus' training works,
     # so they never see the evaluated text, bundled or the user's.
     run.eval_ids = tokenize_cached(run.tokenizer, load_text(run.spec.text, "eval"))

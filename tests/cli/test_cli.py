@@ -139,7 +139,7 @@ def test_gaincell_run_on_cuda_with_lora_ships_parameters_the_cpu_reproduces(cli,
     code, _, err = cli("run", *common, "--preset", preset, "--out", out, "--device", "cuda")
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert results["device"]["name"] == torch.cuda.get_device_name()
+    assert results["device"] == torch.cuda.get_device_name()
     code, _, err = cli("eval", *common, "--adapted", out / "adapted", "--out", tmp_path / "eval")  # on the CPU
     assert code == 0, err
     again = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
