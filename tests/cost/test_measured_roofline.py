@@ -44,3 +44,33 @@ def test_fit_recovers_a_known_law_and_predicts_held_out_points():
     assert measure.mape(model, test) < 0.02
     assert measure.naive_mape(train, test) > 0.1  # the plain roofline cannot: overhead, block sizes, cache levels
     assert model.fitted()["capacity_bytes"]["L3"] == pytest.approx(8 << 20, rel=0.15)
+
+
+def _gpu_points(law: measure.MeasuredRoofline) -> list[measure.Point]:
+    points = []
+    for mode, ns in measure.FULL_GRID.items():
+        for n in ns:
+            flops, bytes_ = measure.counts(SHAPE, mode, n, element=2, block=measure.CUDA_Q_BLOCK)
+            p = measure.Point(mode, n, 0.0, 0.0, flops, bytes_, 0.0, measure.CUDA_Q_BLOCK)
+            with torch.no_grad():
+                p.seconds = p.seconds_min = float(law.predict([p]))
+            points.append(p)
+    return points
+
+
+def test_gpu_fit_overlaps_launch_and_kernel_time():
+    """CUDA is asynchronous: a call costs the smooth maximum of the host's launch time and the kernel's, not their sum.
+    Fitting that law's timings recovers held-out points; the synchronous (sum) model cannot bend from flat to rising."""
+    caches = {"L2": 50 << 20, "L3": 50 << 20}
+    law = measure.MeasuredRoofline(caches, [measure.CUDA_Q_BLOCK], overlap=True)
+    with torch.no_grad():
+        law.log_t0.fill_(torch.tensor(3e-6).log())
+        law.log_flops.fill_(torch.tensor(1e13).log())  # the prefill grid's largest prompt reaches ~3x the host time
+        law.log_bw.copy_(torch.tensor([2e12, 2e12, 2e12]).log())
+        law.log_host.fill_(torch.tensor(25e-6).log())
+        law.log_p.fill_(torch.tensor(3.0 - 1).log())  # p = 3
+    train, test = measure.split(_gpu_points(law))
+    model = measure.fit(train, caches, overlap=True)
+    assert measure.mape(model, test) < 0.03
+    assert measure.mape(measure.fit(train, caches), test) > 1.5 * measure.mape(model, test)
+    assert model.fitted()["host_s"] == pytest.approx(25e-6, rel=0.2)
