@@ -162,6 +162,7 @@ def generate(
     adapted: Annotated[Path | None, typer.Option(help="A run's adapted/ directory (its preset is used unless --preset).")] = None,
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 40,
     temperature: Annotated[float, typer.Option(min=0, help="0 = greedy.")] = 0.0,
+    device: Device = "cpu",
     seed: Seed = 0,
     quiet: Quiet = False,
     debug: Debug = False,
@@ -171,7 +172,7 @@ def generate(
     from cimattn.pipeline import hardware_model
 
     _setup(seed, quiet)
-    lm, tokenizer = hardware_model(model, preset, adapted, seed)
+    lm, tokenizer = hardware_model(model, preset, adapted, seed, device)
     typer.echo(prompt + generate_text(lm, tokenizer, prompt, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed))
 
 

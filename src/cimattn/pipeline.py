@@ -316,11 +316,12 @@ def to_hardware(model: torch.nn.Module, preset: str | None, adapted: Path | None
     return hardware
 
 
-def hardware_model(model: str, preset: str | None, adapted: Path | None, seed: int):
-    """(model, tokenizer) loaded and converted for `cimattn generate`."""
+def hardware_model(model: str, preset: str | None, adapted: Path | None, seed: int, device: str = "cpu"):
+    """(model, tokenizer) loaded onto `device` and converted for `cimattn generate`."""
     from cimattn.models import load_model
 
     lm, tokenizer = load_model(model, seed=seed)
+    lm.to(torch_device(device))
     to_hardware(lm, preset, adapted)
     return lm, tokenizer
 

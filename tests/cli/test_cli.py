@@ -144,6 +144,10 @@ def test_gaincell_run_on_cuda_with_lora_ships_parameters_the_cpu_reproduces(cli,
     assert code == 0, err
     again = json.loads((tmp_path / "eval" / "results.json").read_text())["metrics"]
     assert again["ppl_hardware_adapted"] == pytest.approx(results["metrics"]["ppl_hardware_adapted"], rel=2e-2)
+    code, text, err = cli("generate", "To be", "--model", "tiny-llama", "--adapted", out / "adapted", "--device", "cuda",
+                          "--max-new-tokens", 8, "--quiet")
+    assert code == 0, err
+    assert text.startswith("To be") and len(text.strip()) > len("To be")
 
 
 def test_unsupported_architecture_is_one_line(cli, monkeypatch, capsys, tmp_path):

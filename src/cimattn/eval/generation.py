@@ -9,7 +9,7 @@ import torch
 def generate_text(model, tokenizer, prompt: str, *, max_new_tokens: int = 40, temperature: float = 0.0, seed: int = 0) -> str:
     """The continuation of `prompt` (greedy at temperature 0, else sampled with a seeded generator)."""
     torch.manual_seed(seed)
-    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(next(model.parameters()).device)
     sampling = {"do_sample": True, "temperature": temperature, "top_k": 0} if temperature > 0 else {"do_sample": False}
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                          pad_token_id=tokenizer.pad_token_id, **sampling)
