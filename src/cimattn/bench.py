@@ -254,6 +254,10 @@ def attention_calls(shape: Shape, mode: str, tokens: int, batch: int, device: st
             forced = copy.deepcopy(module)
             forced.cim.backend = "torch"
             calls[f"{family}_torch"] = lambda f=function, m=forced: f(m, q, k, v, None)
+            if family == "gaincell":  # and on tensor cores (three TF32 passes per dot)
+                fast = copy.deepcopy(module)
+                fast.cim.dot_precision = "tf32x3"
+                calls[f"{family}_tf32x3"] = lambda f=function, m=fast: f(m, q, k, v, None)
     return calls
 
 

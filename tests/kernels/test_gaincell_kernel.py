@@ -167,6 +167,11 @@ def test_backend_picks_the_kernel_or_the_torch_path(monkeypatch):
         assert len(launched) == (backend == "triton" or (backend == "auto" and q.is_cuda)), backend
         launched.clear()
     assert torch.allclose(outs["triton"], outs["torch"], atol=1e-4)
+    module.cim.backend = "triton"
+    module.cim.dot_precision = "tf32x3"  # the kernels' dot precision reaches the launch (the interpreter computes in fp32)
+    with torch.no_grad():
+        fast = gaincell_attention(module, q, k, v, None)[0]
+    assert launched and (torch.equal(fast, outs["triton"]) if INTERPRET else torch.allclose(fast, outs["triton"], atol=1e-3))
     module.cim.backend = "cuda"
     with pytest.raises(CimattnError, match="attention backend"):
         gaincell_attention(module, q, k, v, None)

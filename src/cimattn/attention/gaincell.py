@@ -141,6 +141,9 @@ class GainCellParams(nn.Module):
         self.register_buffer("k_gain", variability_gain((n_kv_heads, config.window_tokens, head_dim), config, chip), persistent=False)
         self.register_buffer("v_gain", variability_gain((n_kv_heads, config.window_tokens, v_columns), config, chip), persistent=False)
         self.backend = "auto"  # where the arrays are simulated: common.BACKENDS (the fused Triton kernels or the torch path)
+        # the kernels' tl.dot input precision: "ieee" (exact fp32, what the tests hold) or, on GPUs, "tf32x3" / "tf32"
+        # (tensor cores; `cimattn bench` times tf32x3 beside ieee on CUDA, its accuracy is not validated yet)
+        self.dot_precision = "ieee"
         self.record_stats = False
         self.fit_targets: dict[str, Moments] | None = None
         self.stats: dict[str, Moments] = {}
@@ -223,7 +226,7 @@ def gaincell_attention(
     v = quantize(cim.scale("v", value.to(dtype)), cfg.v)
     keep = keep_mask(attention_mask, query, key, cfg.window_tokens)  # (B or 1, 1, T, S)
     if use_kernel(cim.backend, q.is_cuda, lambda: kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets)):
-        summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell).to(dtype)  # the fused Triton kernels, forward and backward
+        summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell, precision=cim.dot_precision).to(dtype)  # fused, fwd and bwd
     else:
         summed = _attend_blocks(cim, q, k, v, keep, offsets)
     out = cim.scale("out", summed)  # (B, H, T, D)
