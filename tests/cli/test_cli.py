@@ -52,12 +52,14 @@ def _bad_inputs(tmp_path):
         "context above the model's": (["eval", "--model", "tiny-llama", "--out", tmp_path / "r", "--context", 100000], "context"),
         "context above the window": (["run", *common[:-2], "--context", 128, "--preset", strict_window], "window"),
         "unknown device": (["eval", *common, "--device", "tpu"], "--device"),
+        "unknown bench device": (["bench", "--model", "tiny-llama", "--out", tmp_path / "b", "--device", "tpu"], "--device"),
     }
 
 
 @pytest.mark.parametrize("case", [
     "missing text file", "malformed yaml", "unknown preset key", "value out of range", "unknown preset",
     "unknown model", "empty text", "context above the model's", "context above the window", "unknown device",
+    "unknown bench device",
 ])
 def test_bad_input_is_one_line_and_exit_2(cli, monkeypatch, capsys, tmp_path, case):
     args, needle = _bad_inputs(tmp_path)[case]
