@@ -22,7 +22,6 @@ from cimattn.config import Adapt
 from cimattn.models.convert import decoder_layers, trains
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
-SCALERS = "cim.scalers."  # in the name of every hardware scaler parameter
 Call = tuple[tuple, dict]  # positional and keyword arguments of a module call
 
 
@@ -105,8 +104,8 @@ def adamw(parameters: dict[str, torch.nn.Parameter], recipe: Adapt) -> torch.opt
     if recipe.layerwise_scaler_lr is None:
         groups = [{"params": list(parameters.values())}]
     else:
-        groups = [{"params": [p for name, p in parameters.items() if SCALERS not in name]},
-                  {"params": [p for name, p in parameters.items() if SCALERS in name], "lr": recipe.layerwise_scaler_lr,
+        groups = [{"params": [p for name, p in parameters.items() if not trains(name, "scalers")]},
+                  {"params": [p for name, p in parameters.items() if trains(name, "scalers")], "lr": recipe.layerwise_scaler_lr,
                    "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=recipe.layerwise_lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
 

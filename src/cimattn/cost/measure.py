@@ -182,10 +182,13 @@ class MeasuredRoofline(torch.nn.Module):
         p = 1 + self.log_p.exp()
         return (self.log_host.exp() ** p + kernel ** p) ** (1 / p)
 
-    def predict(self, points: list[Point]) -> torch.Tensor:
+    def inputs(self, points: list[Point]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(flops, bytes, fitted-efficiency index) of `points`: this model's forward arguments."""
         f, b, _ = _tensors(points)
-        block = torch.tensor([self.block_index(p.q_block) for p in points])
-        return self(f, b, block)
+        return f, b, torch.tensor([self.block_index(p.q_block) for p in points])
+
+    def predict(self, points: list[Point]) -> torch.Tensor:
+        return self(*self.inputs(points))
 
 
 def _tensors(points: list[Point]):
@@ -214,10 +217,11 @@ def _log_loss(model: MeasuredRoofline, points: list[Point]) -> torch.Tensor:
 
 def _fit_once(points: list[Point], caches: dict[str, float], steps: int, overlap: bool) -> MeasuredRoofline:
     model = MeasuredRoofline(caches, [p.q_block for p in points], overlap)
+    inputs, log_t = model.inputs(points), _tensors(points)[2].log()  # once: the loop runs up to 6k steps
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        _log_loss(model, points).backward()
+        ((model(*inputs).log() - log_t) ** 2).mean().backward()
         opt.step()
     return model
 

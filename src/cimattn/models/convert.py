@@ -141,7 +141,7 @@ def hardware_parameters(model: nn.Module) -> Iterator[nn.Parameter]:
 
 
 def _scaler_named_parameters(model: nn.Module) -> dict[str, nn.Parameter]:
-    return {name: p for name, p in model.named_parameters() if ".cim.scalers." in name}
+    return {name: p for name, p in model.named_parameters() if trains(name, "scalers")}
 
 
 def trainable_parameters(model: nn.Module, which: TrainSet = "scalers") -> dict[str, nn.Parameter]:

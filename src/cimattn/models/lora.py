@@ -45,4 +45,3 @@ def attach_lora(attention: nn.Module, rank: int) -> None:
             continue
         rows, cols = weight.shape
         parametrize.register_parametrization(layer, "weight", LowRankDelta(rows, cols, rank, weight.device, weight.dtype))
-        layer.parametrizations.weight.original.requires_grad_(weight.requires_grad)
