@@ -369,10 +369,7 @@ def _tile_readouts(
     row_start = ring[:, :1] - lead[:, None] + tpa * torch.arange(rows, device=a.device)  # (B, R) ring position
     used, index = torch.unique((row_start % w) // tpa, return_inverse=True)  # tiles present, each row's tile
     onehot = F.one_hot(index, len(used)).to(a.dtype)  # (B, R, n)
-    if len(used) == rows and bool((index == torch.arange(rows, device=a.device)).all()):
-        per_tile = partial  # each row its own tile, in order (no window lap, as in any prompt up to the window)
-    else:
-        per_tile = torch.einsum("bhrtc,brn->bhntc", partial, onehot)  # (B, Hkv, n, G·Tb, C): laps summed before read-out
+    per_tile = torch.einsum("bhrtc,brn->bhntc", partial, onehot)  # (B, Hkv, n, G·Tb, C): laps summed before read-out
 
     seen = keep.reshape(-1, 1, tb, rows, tpa).any(-1).to(a.dtype)  # (B or 1, 1, Tb, R)
     seen = torch.einsum("bqtr,brn->bqnt", seen, onehot) > 0  # (B, 1, n, Tb): the tile holds a key the query sees
