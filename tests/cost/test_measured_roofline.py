@@ -9,12 +9,13 @@ from cimattn.cost.workload import ModelShape
 SHAPE = ModelShape("smollm2-like", layers=1, heads=9, kv_heads=3, head_dim=64)
 
 
-def _points(law: measure.MeasuredRoofline) -> list[measure.Point]:
+def _points(law: measure.MeasuredRoofline, device: str = "cpu") -> list[measure.Point]:
+    """The full grid's points timed by `law`, counted as `device` runs them (fp32 on the CPU, fp16 on CUDA)."""
     points = []
     for mode, ns in measure.FULL_GRID.items():
         for n in ns:
-            block = measure.q_block(mode, n)
-            flops, bytes_ = measure.counts(SHAPE, mode, n, block=block)
+            block = measure.q_block(mode, n, device)
+            flops, bytes_ = measure.counts(SHAPE, mode, n, element=measure.DTYPES[device].itemsize, block=block)
             p = measure.Point(mode, n, 0.0, 0.0, flops, bytes_, 0.0, block)
             with torch.no_grad():
                 p.seconds = p.seconds_min = float(law.predict([p]))
@@ -46,18 +47,6 @@ def test_fit_recovers_a_known_law_and_predicts_held_out_points():
     assert model.fitted()["capacity_bytes"]["L3"] == pytest.approx(8 << 20, rel=0.15)
 
 
-def _gpu_points(law: measure.MeasuredRoofline) -> list[measure.Point]:
-    points = []
-    for mode, ns in measure.FULL_GRID.items():
-        for n in ns:
-            flops, bytes_ = measure.counts(SHAPE, mode, n, element=2, block=measure.CUDA_Q_BLOCK)
-            p = measure.Point(mode, n, 0.0, 0.0, flops, bytes_, 0.0, measure.CUDA_Q_BLOCK)
-            with torch.no_grad():
-                p.seconds = p.seconds_min = float(law.predict([p]))
-            points.append(p)
-    return points
-
-
 def test_gpu_fit_overlaps_launch_and_kernel_time():
     """CUDA is asynchronous: a call costs the smooth maximum of the host's launch time and the kernel's, not their sum.
     Fitting that law's timings recovers held-out points; the synchronous (sum) model cannot bend from flat to rising."""
@@ -69,7 +58,7 @@ def test_gpu_fit_overlaps_launch_and_kernel_time():
         law.log_bw.copy_(torch.tensor([2e12, 2e12, 2e12]).log())
         law.log_host.fill_(torch.tensor(25e-6).log())
         law.log_p.fill_(torch.tensor(3.0 - 1).log())  # p = 3
-    train, test = measure.split(_gpu_points(law))
+    train, test = measure.split(_points(law, "cuda"))
     model = measure.fit(train, caches, overlap=True)
     assert measure.mape(model, test) < 0.03
     assert measure.mape(measure.fit(train, caches), test) > 1.5 * measure.mape(model, test)

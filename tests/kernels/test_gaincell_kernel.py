@@ -156,7 +156,7 @@ def test_backend_picks_the_kernel_or_the_torch_path(monkeypatch):
     cfg = physics(rate_per_token=0.02)
     q, k, v = (x.float().to(DEVICE) for x in inputs(32))
     launched, launch = [], reference_path.kernels.gaincell_prefill
-    monkeypatch.setattr(reference_path.kernels, "gaincell_prefill", lambda *a, **kw: launched.append(1) or launch(*a, **kw))
+    monkeypatch.setattr(reference_path.kernels, "gaincell_prefill", lambda *a, **kw: launched.append(kw.get("precision")) or launch(*a, **kw))
     outs = {}
     for backend in ("torch", "triton", "auto"):
         module = torch.nn.Module()
@@ -171,7 +171,8 @@ def test_backend_picks_the_kernel_or_the_torch_path(monkeypatch):
     module.cim.dot_precision = "tf32x3"  # the kernels' dot precision reaches the launch (the interpreter computes in fp32)
     with torch.no_grad():
         fast = gaincell_attention(module, q, k, v, None)[0]
-    assert launched and (torch.equal(fast, outs["triton"]) if INTERPRET else torch.allclose(fast, outs["triton"], atol=1e-3))
+    assert launched == ["tf32x3"]
+    assert torch.equal(fast, outs["triton"]) if INTERPRET else torch.allclose(fast, outs["triton"], atol=1e-3)
     module.cim.backend = "cuda"
     with pytest.raises(CimattnError, match="attention backend"):
         gaincell_attention(module, q, k, v, None)
