@@ -7,6 +7,7 @@ import torch
 
 from cimattn.adapt import adapt_model, load_adapted
 from cimattn.config import load_preset
+from cimattn.errors import CimattnError
 from cimattn.models import convert, load_model
 from cimattn.models.convert import hardware_state_dict, load_hardware_state, trainable_parameters
 
@@ -66,7 +67,7 @@ def test_adapters_need_a_model_converted_with_them():
     convert(with_lora, hw)
     without, _ = load_model("tiny-llama", seed=1)
     convert(without, hw.model_copy(update={"adapt": hw.adapt.model_copy(update={"train": "scalers"})}))
-    with pytest.raises(Exception, match="unexpected"):
+    with pytest.raises(CimattnError, match="unexpected"):
         load_hardware_state(without, hardware_state_dict(with_lora, "lora"))
 
 
