@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 import cimattn.attention.gaincell as gca
+import cimattn.attention.gaincell_decode as gca_decode
 from cimattn.attention import IMPLEMENTATIONS
 from cimattn.attention.gaincell import GainCellParams, gaincell_attention
 from cimattn.config import GainCell, Leakage, Noise, Quantizer, Scaler
@@ -311,3 +312,108 @@ def test_scaler_gain_is_kept_positive():
     q, k, v = inputs()
     assert torch.allclose(module.cim.scalers["q"](q), torch.full_like(q, 0.0) + 1e-6 * q)
     assert torch.isfinite(run(module, q, k, v)).all()
+
+
+# ---- decode on the stored array state (gaincell_decode) ----
+
+def decode(module, q, k, v, s, mask=None, position_ids=None):
+    """One decode call: the query of cache index s − 1 over the first s cached tokens, under no_grad (B, H, 1, D)."""
+    with torch.no_grad():
+        return run(module, q[:, :, s - 1 : s], k[:, :, :s], v[:, :, :s], None if mask is None else mask[..., s - 1 : s, :s],
+                   position_ids=None if position_ids is None else position_ids[:, s - 1 : s])
+
+
+def expected(module, q, k, v, s, key_valid=None, offsets=None):
+    return reference(module, q[:, :, s - 1 : s], k[:, :, :s], v[:, :, :s], key_valid, offsets)
+
+
+@pytest.mark.parametrize("kind", ["nonlinear", "linear"])
+@pytest.mark.parametrize("extra", [{}, {"noise": Noise(cell_variability_std=0.1, seed=3), "normalize": True, "av_tile_scale": 0.02}],
+                         ids=["ideal-chip", "variability-normalize"])
+def test_decode_steps_write_one_slot_each_and_equal_the_loop_reference(kind, extra, monkeypatch):
+    """Token by token through an 8-token ring (20 steps, 2.5 laps): each step equals the equations and writes one slot."""
+    module = make_module(physics(cell=kind, **extra))
+    q, k, v = inputs(t=22, s=22, seed=4)
+    writes = []
+    real_write = gca_decode._write
+    monkeypatch.setattr(gca_decode, "_write", lambda cim, state, stale, *a: (writes.append(int(stale.sum())), real_write(cim, state, stale, *a)))
+    for s in range(3, 23):
+        assert torch.allclose(decode(module, q, k, v, s), expected(module, q, k, v, s), atol=1e-10), s
+    assert writes == [2 * 3] + [2] * 19  # 3 tokens × 2 sequences first, then each step only the new token's slot per sequence
+    state = module.cim.decode_state
+    assert state.k_terms.shape[-1] == 8 and state.v_terms.shape[2] == 8 and state.raw_k.shape[2] == 16 and state.index[0].tolist() == [16, 17, 18, 19, 20, 21, 14, 15]  # O(window)
+
+
+def test_decode_rewrites_slots_whose_cached_token_changed():
+    """A rewound (cropped) cache and an edited old row are seen: the state is checked against the cache every step."""
+    module = make_module(physics(noise=Noise(cell_variability_std=0.1)))
+    q, k, v = inputs(t=16, s=16, seed=5)
+    for s in range(4, 15):
+        decode(module, q, k, v, s)
+    assert torch.allclose(decode(module, q, k, v, 9), expected(module, q, k, v, 9), atol=1e-10)  # rewound 5 tokens
+    k2, v2 = k.clone(), v.clone()
+    k2[1, 0, 6, 2] += 0.3  # an old token of sequence 1, still in the window
+    v2[0, 1, 3, 0] -= 0.2
+    for s in (10, 11):
+        assert torch.allclose(decode(module, q, k2, v2, s), expected(module, q, k2, v2, s), atol=1e-10)
+    k2[0, 1, 7, 1] = float("nan")
+    with pytest.raises(CimattnError, match="non-finite key"):
+        decode(module, q, k2, v2, 12)
+
+
+def test_decode_with_left_padding_and_position_ids():
+    """Sequences padded by different amounts (ring offsets 3 and 0): each step equals the reference with its keys masked."""
+    module = make_module(physics())
+    q, k, v = inputs(t=18, s=18, seed=6)
+    pad = 3
+    valid = torch.ones(2, 18, dtype=torch.bool)
+    valid[0, :pad] = False
+    mask = torch.ones(18, 18, dtype=torch.bool).tril()[None, None] & valid[:, None, None, :]
+    position_ids = (valid.long().cumsum(-1) - 1).clamp_min(0)
+    for s in range(pad + 2, 19):
+        got = decode(module, q, k, v, s, mask, position_ids)
+        assert torch.allclose(got, expected(module, q, k, v, s, valid[:, :s], offsets=torch.tensor([pad, 0])), atol=1e-10), s
+
+
+def test_decode_state_follows_the_scalers_and_reanchors_fast_leakage():
+    """Changed k/v scalers rebuild the state; with τ of a quarter token step the leakage anchor moves every 5 tokens."""
+    cfg = physics(leakage=Leakage(tau_s=2e-7, step_time_s=8e-7))
+    assert max_query_block(cfg) == 5
+    module = make_module(cfg)
+    q, k, v = inputs(t=20, s=20, seed=7)
+    anchors = set()
+    for s in range(2, 21):
+        got = decode(module, q, k, v, s)
+        assert torch.isfinite(got).all() and torch.allclose(got, expected(module, q, k, v, s), atol=1e-10), s
+        anchors.add(module.cim.decode_state.anchor)
+    assert len(anchors) >= 3
+    with torch.no_grad():
+        module.cim.scalers["v"].b.add_(0.05)
+    assert torch.allclose(decode(module, q, k, v, 20), expected(module, q, k, v, 20), atol=1e-10)
+
+
+def test_decode_read_noise_is_seeded():
+    module = make_module(physics(noise=Noise(read_std=0.02, seed=7)))
+    q, k, v = inputs(t=12, s=12)
+    first = [decode(module, q, k, v, s) for s in range(4, 13)]
+    module.cim.reset_noise()
+    module.cim.decode_state = None
+    again = [decode(module, q, k, v, s) for s in range(4, 13)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    clean = make_module(physics())
+    deviation = torch.stack([(a - decode(clean, q, k, v, s)).abs().mean() for a, s in zip(first, range(4, 13))])
+    assert (deviation > 0).all() and (deviation < 0.5).all()
+
+
+def test_training_and_statistics_take_the_torch_path():
+    """With gradients on (or statistics asked) a one-token call is the torch path: the stored state is freed, gradients flow."""
+    module = make_module(physics())
+    q, k, v = inputs(t=6, s=6)
+    decode(module, q, k, v, 5)
+    assert module.cim.decode_state is not None
+    q.requires_grad_()
+    run(module, q[:, :, 5:], k, v).sum().backward()
+    assert module.cim.decode_state is None and q.grad.abs().sum() > 0
+    module.cim.record_stats = True
+    decode(module, q.detach(), k, v, 6)
+    assert module.cim.decode_state is None and set(module.cim.stats) == {"q", "k", "v", "out"}

@@ -71,6 +71,7 @@ from torch import nn
 
 from cimattn import kernels
 from cimattn.attention.common import keep_mask, use_kernel
+from cimattn.attention.gaincell_decode import ArrayState, decode_applies, decode_step
 from cimattn.config.schema import GainCell, Scaler
 from cimattn.errors import CimattnError
 from cimattn.physics.gaincell import (
@@ -147,6 +148,7 @@ class GainCellParams(nn.Module):
         self.record_stats = False
         self.fit_targets: dict[str, Moments] | None = None
         self.stats: dict[str, Moments] = {}
+        self.decode_state: ArrayState | None = None  # what the arrays hold between decode steps (gaincell_decode)
         self._generators: dict[str, torch.Generator] = {}
 
     def scale(self, name: str, x: torch.Tensor) -> torch.Tensor:
@@ -212,8 +214,9 @@ def gaincell_attention(
     """
     cim = _params_of(module)
     cfg = cim.config
-    _check_inputs(query, key, value, cim)
     b, t, s = query.shape[0], query.shape[-2], key.shape[-2]
+    stepping = decode_applies(cim, t)  # one new token: the arrays' stored state is read, only changed slots are written
+    _check_inputs(query, key, value, cim, finite_kv=not stepping)  # the step checks the rows it writes
     offsets = _ring_offsets(position_ids, b, s, t, query.device)  # (B,) cache index − ring position
     if cfg.context_policy == "error" and s - int(offsets.min()) > cfg.window_tokens:
         raise CimattnError(
@@ -221,14 +224,18 @@ def gaincell_attention(
             "(context_policy: error); shorten the context or set gaincell.context_policy: sliding"
         )
     dtype = torch.promote_types(query.dtype, torch.float32)  # fp32 at least, fp64 when given
-    q = quantize(cim.scale("q", query.to(dtype)), cfg.q)  # (B, H, T, D) pulse widths
-    k = quantize(cim.scale("k", key.to(dtype)), cfg.k)  # (B, Hkv, S, D) stored voltages
-    v = quantize(cim.scale("v", value.to(dtype)), cfg.v)
-    keep = keep_mask(attention_mask, query, key, cfg.window_tokens)  # (B or 1, 1, T, S)
-    if use_kernel(cim.backend, q.is_cuda, lambda: kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets)):
-        summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell, precision=cim.dot_precision).to(dtype)  # fused, fwd and bwd
+    if stepping:
+        summed = decode_step(cim, query, key, value, attention_mask, offsets, dtype)
     else:
-        summed = _attend_blocks(cim, q, k, v, keep, offsets)
+        cim.decode_state = None  # a new prompt (or training): what the arrays held is not read again, free it
+        keep = keep_mask(attention_mask, query, key, cfg.window_tokens)  # (B or 1, 1, T, S)
+        q = quantize(cim.scale("q", query.to(dtype)), cfg.q)  # (B, H, T, D) pulse widths
+        k = quantize(cim.scale("k", key.to(dtype)), cfg.k)  # (B, Hkv, S, D) stored voltages
+        v = quantize(cim.scale("v", value.to(dtype)), cfg.v)
+        if use_kernel(cim.backend, q.is_cuda, lambda: kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets)):
+            summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell, precision=cim.dot_precision).to(dtype)  # fused, fwd and bwd
+        else:
+            summed = _attend_blocks(cim, q, k, v, keep, offsets)
     out = cim.scale("out", summed)  # (B, H, T, D)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
@@ -257,8 +264,8 @@ def _params_of(module: nn.Module) -> GainCellParams:
     return cim
 
 
-def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cim: GainCellParams) -> None:
-    for name, x in (("query", query), ("key", key), ("value", value)):
+def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cim: GainCellParams, finite_kv: bool = True) -> None:
+    for name, x in (("query", query), ("key", key), ("value", value))[: 3 if finite_kv else 1]:
         if not torch.isfinite(x).all():
             raise CimattnError(f"gain-cell attention (layer {cim.layer_idx}) received a non-finite {name} (NaN or Inf)")
     h, hkv, d = query.shape[1], key.shape[1], query.shape[-1]

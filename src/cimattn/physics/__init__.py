@@ -2,19 +2,25 @@
 
 from cimattn.physics.gaincell import (
     Decay,
+    Terms,
     cell,
     cell_scores,
+    cell_terms,
     cell_weighted_sum,
     hard_sigmoid,
     leakage_decay,
     max_query_block,
     read_noise,
+    scores_from_terms,
+    stored_terms,
     tile_readout,
     variability_gain,
+    weighted_sum_from_terms,
 )
 from cimattn.physics.quantize import grid_anchor, quantize
 
 __all__ = [
-    "Decay", "cell", "cell_scores", "cell_weighted_sum", "grid_anchor", "hard_sigmoid", "leakage_decay", "max_query_block",
-    "quantize", "read_noise", "tile_readout", "variability_gain",
+    "Decay", "Terms", "cell", "cell_scores", "cell_terms", "cell_weighted_sum", "grid_anchor", "hard_sigmoid", "leakage_decay",
+    "max_query_block", "quantize", "read_noise", "scores_from_terms", "stored_terms", "tile_readout", "variability_gain",
+    "weighted_sum_from_terms",
 ]

@@ -19,9 +19,13 @@ so the decay is passed as a `Decay` of a query-side and a key-side factor
 and folded into the operands of each product — never a (T, S) pass:
 
     scores       S[t, s] = Σ_d cell(q[t, d], k[s, d], decay[t, s])
-                         = Σ_i c_i · (q ⊙ dq^i) @ (u_k^i ⊙ dk^i)ᵀ
+                         = Σ_i (q ⊙ dq^i) @ (c_i · u_k^i ⊙ dk^i)ᵀ
     weighted sum O[t, d] = Σ_s cell(A[t, s], v[s, d], decay[t, s])
-                         = Σ_i c_i · dq^i ⊙ (A @ (u_v^i ⊙ dk^i))
+                         = Σ_i dq^i ⊙ (A @ (c_i · u_v^i ⊙ dk^i))
+
+The stored factor c_i · u^i · dk^i (`stored_terms`) depends only on the
+written token and the reference t0, so a model of the chip can keep it from
+one query to the next (`cimattn.attention.gaincell_decode`).
 
 An optional `gain` (same shape as the stored k or v, broadcastable) is the
 multiplicative per-cell gain error of device-to-device variability: it
@@ -81,6 +85,60 @@ def cell(
     return _with_gradient(linear, nonlinear, cfg, kind or cfg.cell)
 
 
+class Terms(NamedTuple):
+    """The polynomial terms an array product sums: cell = x · Σ_k coeffs[k] · u^powers[k] · d^powers[k] (+ constant · x).
+
+    `constant` is c_0 when its term is left out of the stored operand: without
+    per-cell gains Σ_d c_0·x is the same for every stored cell, so it is added
+    once, digitally, instead of being a product with a column of ones.
+    """
+
+    powers: tuple[int, ...]
+    coeffs: tuple[float, ...]
+    constant: float = 0.0
+
+
+def cell_terms(cfg: GainCell, kind: CellKind | None = None, with_gain: bool = False) -> Terms:
+    """The terms of the linear cell (slope · x · u · d) or of the Eq. 4 polynomial."""
+    if (kind or cfg.cell) == "linear":
+        return Terms((1,), (cfg.linear_slope,))
+    c = tuple(cfg.cell_polynomial())
+    return Terms(tuple(range(len(c))), c) if with_gain else Terms(tuple(range(1, len(c))), c[1:], c[0])
+
+
+def stored_terms(
+    y: torch.Tensor, cfg: GainCell, terms: Terms, key_decay: torch.Tensor | None = None, gain: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The stored operand of every term, concatenated: (..., S, C) voltages → (..., S, n·C) of coeff · u^i · dk^i (· gain).
+
+    `key_decay` (broadcast against y, e.g. (..., S, 1)) is the key factor of a `Decay`.
+    This is what an array holds once its token is written; `scores_from_terms`
+    and `weighted_sum_from_terms` read it.
+    """
+    u = y - cfg.y_mid
+    return torch.cat([c * _stored(u, i, key_decay, gain) for i, c in zip(terms.powers, terms.coeffs)], -1)
+
+
+def scores_from_terms(q: torch.Tensor, stored: torch.Tensor, terms: Terms, query_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_d cell(q, k): pulses (..., T, D) against `stored_terms` of the keys (..., S, n·D) → (..., T, S), one matmul.
+
+    `query_decay` (broadcast against q, e.g. (..., T, 1)) is the query factor of a `Decay`.
+    """
+    pulses = torch.cat([q if query_decay is None or i == 0 else q * query_decay.pow(i) for i in terms.powers], -1)
+    acc = torch.matmul(pulses, stored.transpose(-1, -2))  # (..., T, S)
+    return _plus(acc, q.sum(-1, keepdim=True), terms.constant) if terms.constant else acc
+
+
+def weighted_sum_from_terms(a: torch.Tensor, stored: torch.Tensor, terms: Terms, query_decay: torch.Tensor | None = None) -> torch.Tensor:
+    """Σ_s cell(A, v): pulses (..., T, S) against `stored_terms` of the values (..., S, n·C) → (..., T, C); A is read once."""
+    out = torch.matmul(a, stored).unflatten(-1, (len(terms.powers), -1))  # (..., T, n, C)
+    if query_decay is not None:  # the i-th term read by query t decays by dq[t]^i: one pass for all terms
+        factors = torch.stack([query_decay.pow(i) for i in terms.powers], -2)  # (..., T, n, 1)
+        out = out * factors if out.requires_grad else out.mul_(factors)
+    acc = out.sum(-2)
+    return _plus(acc, a.sum(-1, keepdim=True), terms.constant) if terms.constant else acc
+
+
 def cell_scores(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -94,26 +152,16 @@ def cell_scores(
 
     `gain` broadcasts to k's shape (one per stored cell).
     """
-    u = k - cfg.y_mid
 
-    def stored(i: int) -> torch.Tensor:
-        return _stored(u, i, decay, gain)
+    def product(cell_kind: CellKind) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            terms = cell_terms(cfg, cell_kind, gain is not None)
+            stored = stored_terms(k, cfg, terms, None if decay is None else decay.key, gain)
+            return scores_from_terms(q, stored, terms, None if decay is None else decay.query)
 
-    def pulses(i: int) -> torch.Tensor:  # q·dq^i, (..., T, D)
-        return q if decay is None or i == 0 else q * decay.query.pow(i)
+        return run
 
-    def linear() -> torch.Tensor:
-        return cfg.linear_slope * torch.matmul(pulses(1), stored(1).transpose(-1, -2))
-
-    def nonlinear() -> torch.Tensor:
-        # every term in one matmul over the concatenated (c_i·pulses_i | stored_i) pairs: one pass over (T, S)
-        coeffs = cfg.cell_polynomial()
-        powers = range(0 if gain is not None else 1, len(coeffs))  # without gain, Σ_d q is the same for every key
-        acc = torch.matmul(torch.cat([coeffs[i] * pulses(i) for i in powers], -1),
-                           torch.cat([stored(i) for i in powers], -1).transpose(-1, -2))  # (..., T, S)
-        return acc if gain is not None else _plus(acc, q.sum(-1, keepdim=True), coeffs[0])
-
-    return _with_gradient(linear, nonlinear, cfg, kind or cfg.cell)
+    return _with_gradient(product("linear"), product("nonlinear"), cfg, kind or cfg.cell)
 
 
 def cell_weighted_sum(
@@ -129,40 +177,29 @@ def cell_weighted_sum(
 
     The i-th term of each cell decays as decay^i (the constant term not at all).
     """
-    u = v - cfg.y_mid
 
-    def stored(i: int) -> torch.Tensor:
-        return _stored(u, i, decay, gain)
+    def product(cell_kind: CellKind) -> Callable[[], torch.Tensor]:
+        def run() -> torch.Tensor:
+            terms = cell_terms(cfg, cell_kind, gain is not None)
+            stored = stored_terms(v, cfg, terms, None if decay is None else decay.key, gain)
+            return weighted_sum_from_terms(a, stored, terms, None if decay is None else decay.query)
 
-    def linear() -> torch.Tensor:
-        t1 = torch.matmul(a, stored(1))
-        return cfg.linear_slope * (t1 if decay is None else t1 * decay.query)
+        return run
 
-    def nonlinear() -> torch.Tensor:
-        # every term in one matmul against the concatenated c_i·stored_i: A is read once
-        coeffs = cfg.cell_polynomial()
-        powers = range(0 if gain is not None else 1, len(coeffs))
-        terms = torch.matmul(a, torch.cat([coeffs[i] * stored(i) for i in powers], -1))  # (..., T, n·D)
-        terms = terms.unflatten(-1, (len(powers), u.shape[-1]))  # (..., T, n, D)
-        if decay is not None:  # the i-th term read by query t decays by dq[t]^i: one pass for all terms
-            factors = torch.cat([decay.query.pow(i) for i in powers], -1).unsqueeze(-1)  # (..., T, n, 1)
-            terms = terms * factors if terms.requires_grad else terms.mul_(factors)
-        acc = terms.sum(-2)
-        return acc if gain is not None else _plus(acc, a.sum(-1, keepdim=True), coeffs[0])
-
-    return _with_gradient(linear, nonlinear, cfg, kind or cfg.cell)
+    return _with_gradient(product("linear"), product("nonlinear"), cfg, kind or cfg.cell)
 
 
-def _stored(u: torch.Tensor, i: int, decay: Decay | None, gain: torch.Tensor | None) -> torch.Tensor:
+def _stored(u: torch.Tensor, i: int, key_decay: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor:
     """The stored operand of the i-th polynomial term: u^i · dk^i (· gain), (..., S, D)."""
     x = u.pow(i) if gain is None else u.pow(i) * gain
-    return x if decay is None or i == 0 else x * decay.key.pow(i)
+    return x if key_decay is None or i == 0 else x * key_decay.pow(i)
 
 
 def _plus(acc: torch.Tensor, m: torch.Tensor, c: float) -> torch.Tensor:
     """acc + c·m, in place when no gradient is recorded (this is the bulk of the work) and the shapes allow it."""
     recording = torch.is_grad_enabled() and (acc.requires_grad or m.requires_grad)
-    if recording or torch.broadcast_shapes(acc.shape, m.shape) != acc.shape:
+    fits = m.dim() <= acc.dim() and all(x in (1, y) for x, y in zip(reversed(m.shape), reversed(acc.shape)))  # m broadcasts into acc
+    if recording or not fits:
         return acc + c * m
     return acc.add_(m, alpha=c)
 

@@ -1,0 +1,208 @@
+"""Token-by-token decode on a persistent model of the gain-cell arrays: the hardware state beside transformers' cache.
+
+The torch path (`gaincell._attend_block`) derives every stored cell's operand
+from the K/V it is handed, so one decode query re-quantises and re-expands
+the whole window each token: about 25 passes over W·D per layer, which made
+decode 30–80× slower than SDPA.  The chip writes a token once, into its ring
+slot, and every later query reads it.  `ArrayState` models exactly that, per
+layer: for each batch row and ring slot the cache index of the token it
+holds, the raw k/v row that was written (so a step can check that
+transformers' cache still holds the same token — a cropped, rewound or
+edited cache rewrites the slot), and the stored operand of every polynomial
+term, c_i · u^i · dk^i (· gain) (`physics.stored_terms`), whose leakage
+factor dk = exp(rate · (index − anchor)) is taken against a fixed anchor.  A
+step writes only the slots whose token changed (one per generated token),
+then reads all W slots with the query's factor exp(−rate · (t − anchor)):
+the arithmetic of the torch path — scores, HardSigmoid, per-tile read-out,
+digital sum — in another summation order (agreement to rounding, ~1e-6 of
+full scale in fp32).  The state is rebuilt when the anchor would let a
+factor overflow (`physics.max_query_block`, ~125k tokens at the paper's
+leakage) or when anything it was built from changes (the k/v scalers,
+chip gains, cell, physics, ring offsets, batch, dtype, device).
+
+Read noise is drawn per slot (all W) here and per visible key on the torch
+path: the same distribution and seed stream, other numbers; a decode is
+still reproducible from its seed.  Memory: the raw rows (twice) and the
+terms, 2 · W · (2 + n_terms) · D values per KV head and batch row — O(window),
+~8 MB per layer for SmolLM2 at W = 1,024 in fp32 (5× its KV cache at 1k
+tokens); a call that is not a decode step frees it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from cimattn.config.schema import GainCell
+from cimattn.errors import CimattnError
+from cimattn.physics.gaincell import (
+    cell_terms,
+    hard_sigmoid,
+    max_query_block,
+    scores_from_terms,
+    stored_terms,
+    tile_readout,
+    weighted_sum_from_terms,
+)
+from cimattn.physics.quantize import quantize
+
+
+@dataclass
+class ArrayState:
+    """What one layer's K and V arrays hold: per (batch row, ring slot), shapes (B, W) and (B, Hkv, W, ·)."""
+
+    signature: tuple  # what the stored operands were derived from (`_signature`)
+    config: GainCell  # a copy of the physics they were derived with
+    anchor: int  # cache index t0 of the leakage factors
+    index: torch.Tensor  # (B, W) cache index of the token in each slot, −1 empty
+    raw_k: torch.Tensor  # (B, Hkv, 2W, D) the key row written there, before the scaler, at slot and slot + W
+    raw_v: torch.Tensor  # (B, Hkv, 2W, D): so the window in cache order is one contiguous run
+    k_terms: torch.Tensor  # (B, Hkv, n·D, W) stored operands of the K array, transposed (the scores' matmul reads it ~1.5× faster cold)
+    v_terms: torch.Tensor  # (B, Hkv, W, n·C) of the V array (C = D, + 1 with the ΣA column)
+
+
+def decode_applies(cim, t: int) -> bool:
+    """One query per sequence, inference, no statistics asked: the step can run on the stored state."""
+    return t == 1 and not torch.is_grad_enabled() and not cim.record_stats and cim.fit_targets is None
+
+
+def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+                offsets: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Attention of the last cached token: query (B, H, 1, D), key/value (B, Hkv, S, D) → (B, H, 1, D) before the output scaler.
+
+    attention_mask as transformers passes it (None, or (B or 1, 1, 1, ≥ S),
+    bool or additive); offsets (B,) as `gaincell._ring_offsets`; arithmetic in
+    `dtype`.  Updates `cim.decode_state`.
+    """
+    cfg = cim.config
+    w, tpa = cfg.window_tokens, cfg.tokens_per_array
+    b, h, _, d = query.shape
+    hkv, s = key.shape[1], key.shape[2]
+    t = s - 1  # the query's cache index
+    state = _state_for(cim, key, offsets, t, dtype)
+    slots = torch.arange(w, device=key.device)
+    need = t - ((t - offsets)[:, None] - slots[None, :]) % w  # (B, W) the token each slot holds for this query, < 0: none yet
+    stale = (need >= 0) & (state.index != need)  # (B, W) slots to write
+    for row in range(b):
+        _check_held(state, key, value, row, int(offsets[row]), t, stale[row], need[row])
+    if bool(stale.any()):
+        _write(cim, state, stale, need, key, value, dtype)
+
+    q = quantize(cim.scale("q", query.to(dtype)), cfg.q).view(b, hkv, h // hkv, d)  # (B, Hkv, G, D): a group drives one array
+    rate = cfg.leakage.rate_per_token
+    decay = None if rate == 0.0 else torch.full((1, 1), -rate * (t - state.anchor), dtype=dtype, device=q.device).exp_()
+    has_k_gain, has_v_gain = cim.k_gain is not None, cim.v_gain is not None
+    scores = scores_from_terms(q, state.k_terms.transpose(-1, -2), cell_terms(cfg, cim.cell, has_k_gain), decay)  # (B, Hkv, G, W)
+    visible = need >= 0  # (B, W): every stored token is in the window; the mask removes padding
+    if attention_mask is not None:
+        given = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
+        visible = visible & given[..., -1, -s:].reshape(-1, s).expand(b, -1).gather(-1, need.clamp_min(0))
+    gen = cim.generator(q.device)
+    a = hard_sigmoid(scores, cfg, visible[:, None, None], gen)  # (B, Hkv, G, W)
+
+    n_tiles = w // tpa
+    a_tiles = a.view(b, hkv, -1, n_tiles, tpa).transpose(2, 3)  # (B, Hkv, N, G, tpa)
+    v_terms = state.v_terms.view(b, hkv, n_tiles, tpa, -1)  # (B, Hkv, N, tpa, n·C)
+    partial = weighted_sum_from_terms(a_tiles, v_terms, cell_terms(cfg, cim.cell, has_v_gain), decay)  # (B, Hkv, N, G, C)
+    seen = visible.view(b, 1, n_tiles, 1, tpa).any(-1, keepdim=True).to(dtype)  # (B, 1, N, 1, 1) the tile holds a visible key
+    out = tile_readout(partial, cfg, gen, active=seen).mul_(seen).sum(dim=2)  # (B, Hkv, G, C): tiles summed digitally
+    if cfg.normalize:
+        den = out[..., d:]
+        out = torch.where(den > 0, out[..., :d] / den.clamp_min(torch.finfo(out.dtype).tiny), torch.zeros_like(out[..., :d]))
+    return out.reshape(b, h, 1, d)
+
+
+def _signature(cim, key: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> tuple:
+    tensors = [cim.scalers[n].a for n in ("k", "v")] + [cim.scalers[n].b for n in ("k", "v")]
+    tensors += [g for g in (cim.k_gain, cim.v_gain) if g is not None]
+    return (key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device, dtype, cim.cell, tuple(offsets.tolist()),
+            tuple((x.data_ptr(), x._version) for x in tensors))
+
+
+def _state_for(cim, key: torch.Tensor, offsets: torch.Tensor, t: int, dtype: torch.dtype) -> ArrayState:
+    """The layer's state if it still describes this chip and call, else an empty one anchored at `t`."""
+    cfg = cim.config
+    signature = _signature(cim, key, offsets, dtype)
+    state: ArrayState | None = cim.decode_state
+    limit = max_query_block(cfg)
+    if (state is not None and state.signature == signature and state.config == cfg
+            and state.anchor <= t and (limit is None or t - state.anchor <= limit)):
+        return state
+    b, hkv, _, d = key.shape
+    w = cfg.window_tokens
+    n_k = len(cell_terms(cfg, cim.cell, cim.k_gain is not None).powers)
+    n_v = len(cell_terms(cfg, cim.cell, cim.v_gain is not None).powers)
+    c = d + 1 if cfg.normalize else d
+    new = dict(device=key.device)
+    state = ArrayState(
+        signature=signature, config=cfg.model_copy(deep=True), anchor=t,
+        index=torch.full((b, w), -1, dtype=torch.long, **new),
+        raw_k=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, **new), raw_v=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, **new),
+        k_terms=torch.zeros(b, hkv, n_k * d, w, dtype=dtype, **new), v_terms=torch.zeros(b, hkv, w, n_v * c, dtype=dtype, **new),
+    )
+    cim.decode_state = state
+    return state
+
+
+def _check_held(state: ArrayState, key: torch.Tensor, value: torch.Tensor, row: int, offset: int, t: int,
+                stale: torch.Tensor, need: torch.Tensor) -> None:
+    """Mark in `stale` (W,) every slot of batch row `row` whose stored raw k/v differs from the cache's token (in place).
+
+    In generation only the new token's slot is stale and the others are
+    compared in one run (the window in cache order is the ring rotated, and
+    each row is stored twice, at slot and slot + W); anything else (a first
+    call, a rewound or edited cache) is compared slot by slot.
+    """
+    w = state.index.shape[1]
+    lo = max(0, t - w + 1)
+    newest = (t - offset) % w
+    n_stale = int(stale.sum())
+    if n_stale == 0 or (n_stale == 1 and bool(stale[newest])):
+        hi = t + 1 - n_stale  # the tokens already written
+        first = (lo - offset) % w  # the slot of cache index lo
+        if all(_equal(x[row, :, lo:hi], raw[row, :, first : first + hi - lo]) for x, raw in ((key, state.raw_k), (value, state.raw_v))):
+            return
+    held = need.clamp_min(0)
+    differs = torch.zeros_like(stale)
+    for x, raw in ((key, state.raw_k), (value, state.raw_v)):
+        differs |= (x[row].index_select(1, held) - raw[row, :, :w]).abs().amax(dim=(0, 2)) != 0  # NaN differs too
+    stale |= differs & (need >= 0)
+
+
+def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
+    """Exact equality (NaN never equal); numpy's comparison runs ~4× faster than torch.equal on the CPU."""
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64, torch.float16):
+        return bool(np.array_equal(x.numpy(), y.numpy()))
+    return torch.equal(x, y)
+
+
+def _write(cim, state: ArrayState, stale: torch.Tensor, need: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+           dtype: torch.dtype) -> None:
+    """Write the cache's tokens into the `stale` (B, W) slots: raw rows, then scaler → quantiser → stored operand of each term."""
+    cfg = cim.config
+    rows, slots = stale.nonzero(as_tuple=True)  # (n,) batch row and ring slot of each write
+    index = need[rows, slots]  # (n,) cache index of each token written
+    k_new, v_new = key[rows, :, index], value[rows, :, index]  # (n, Hkv, D)
+    for name, x in (("key", k_new), ("value", v_new)):
+        if not torch.isfinite(x).all():
+            raise CimattnError(f"gain-cell attention (layer {cim.layer_idx}) received a non-finite {name} (NaN or Inf)")
+    state.index[rows, slots] = index
+    for at in (slots, slots + state.index.shape[1]):
+        state.raw_k[rows, :, at], state.raw_v[rows, :, at] = k_new, v_new
+
+    def stored(name: str, x: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
+        y = quantize(cim.scalers[name](x.to(dtype).transpose(0, 1)).transpose(0, 1), getattr(cfg, name))  # (n, Hkv, D)
+        if name == "v" and cfg.normalize:  # the all-ones column, stored at full scale
+            y = torch.cat([y, torch.full_like(y[..., :1], cfg.v.high)], dim=-1)
+        rate = cfg.leakage.rate_per_token
+        key_decay = None if rate == 0.0 else torch.exp(rate * (index - state.anchor).to(dtype))[:, None, None]  # (n, 1, 1)
+        g = None if gain is None else gain[:, slots].transpose(0, 1).to(dtype)  # (n, Hkv, ·): this cell's gain
+        return stored_terms(y, cfg, cell_terms(cfg, cim.cell, gain is not None), key_decay, g)
+
+    state.k_terms[rows, :, :, slots] = stored("k", k_new, cim.k_gain)
+    state.v_terms[rows, :, slots] = stored("v", v_new, cim.v_gain)
+
+
+__all__ = ["ArrayState", "decode_applies", "decode_step"]
