@@ -373,14 +373,17 @@ def _tile_readouts(
     g_rows = None if v_gain is None else v_gain.view(b, hkv, rows, tpa, c)  # (B, Hkv, R, tpa, C)
     partial = cell_weighted_sum(a_rows, v_rows, cfg, d_rows, kind=cim.cell, gain=g_rows)  # (B, Hkv, R, G·Tb, C)
 
-    row_start = ring[:, :1] - lead[:, None] + tpa * torch.arange(rows, device=a.device)  # (B, R) ring position
-    used, index = torch.unique((row_start % w) // tpa, return_inverse=True)  # tiles present, each row's tile
-    onehot = F.one_hot(index, len(used)).to(a.dtype)  # (B, R, n)
-    per_tile = torch.einsum("bhrtc,brn->bhntc", partial, onehot)  # (B, Hkv, n, G·Tb, C): laps summed before read-out
-
-    seen = keep.reshape(-1, 1, tb, rows, tpa).any(-1).to(a.dtype)  # (B or 1, 1, Tb, R)
-    seen = torch.einsum("bqtr,brn->bqnt", seen, onehot) > 0  # (B, 1, n, Tb): the tile holds a key the query sees
-    seen = seen[:, :, :, None].expand(-1, -1, -1, gt // tb, -1).reshape(b, 1, len(used), gt, 1).to(a.dtype)  # (B, 1, n, G·Tb, 1)
+    seen = keep.reshape(-1, 1, tb, rows, tpa).any(-1)  # (B or 1, 1, Tb, R): the row holds a key the query sees
+    if rows <= w // tpa:  # consecutive rows are distinct tiles (no lap): each row is read out as it is, in any order
+        per_tile, seen = partial, seen.transpose(2, 3).expand(b, -1, -1, -1)  # (B, 1, R, Tb)
+    else:  # rows of the same tile (window laps) are summed before the read-out
+        row_start = ring[:, :1] - lead[:, None] + tpa * torch.arange(rows, device=a.device)  # (B, R) ring position
+        used, index = torch.unique((row_start % w) // tpa, return_inverse=True)  # tiles present, each row's tile
+        onehot = F.one_hot(index, len(used)).to(a.dtype)  # (B, R, n)
+        per_tile = torch.einsum("bhrtc,brn->bhntc", partial, onehot)  # (B, Hkv, n, G·Tb, C)
+        seen = torch.einsum("bqtr,brn->bqnt", seen.to(a.dtype), onehot) > 0  # (B, 1, n, Tb)
+    n = per_tile.shape[2]
+    seen = seen[:, :, :, None].expand(-1, -1, -1, gt // tb, -1).reshape(b, 1, n, gt, 1).to(a.dtype)  # (B, 1, n, G·Tb, 1)
     readout = tile_readout(per_tile, cfg, gen, active=seen)  # (B, Hkv, n, G·Tb, C), a fresh tensor
     readout = readout * seen if readout.requires_grad else readout.mul_(seen)
     return readout.sum(dim=2)
