@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import itertools
 import os
 import platform
 import statistics
@@ -240,8 +241,17 @@ def attention_calls(shape: Shape, mode: str, tokens: int, batch: int, device: st
         return torch.randn(batch, heads, length, shape.head_dim, generator=gen).to(device, dtype)
 
     q, k, v = rand(shape.heads, q_len), rand(shape.kv_heads, tokens), rand(shape.kv_heads, tokens)
+    # a decode step's newest token is new each time (the gain-cell array state writes it): alternate two last tokens
+    steps = [(k, v)]
+    if mode == "decode":
+        steps.append((torch.cat([k[:, :, :-1], rand(shape.kv_heads, 1)], 2), torch.cat([v[:, :, :-1], rand(shape.kv_heads, 1)], 2)))
     gqa = shape.kv_heads != shape.heads
-    calls = {"digital": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=mode == "prefill", enable_gqa=gqa)}
+
+    def each_step(call: Callable) -> Callable:
+        turn = itertools.cycle(steps)
+        return lambda: call(*next(turn))
+
+    calls = {"digital": each_step(lambda k, v: F.scaled_dot_product_attention(q, k, v, is_causal=mode == "prefill", enable_gqa=gqa))}
     for family, hw in hardware.items():
         function = getattr(attention, f"{family}_attention")
         module = _hardware_module(hw, shape, device)
@@ -249,15 +259,15 @@ def attention_calls(shape: Shape, mode: str, tokens: int, batch: int, device: st
             module.cim.calibrate_to = module.cim.config.selection.keep_rate
             function(module, q, k, v, None)
             module.cim.calibrate_to = None
-        calls[family] = lambda f=function, m=module: f(m, q, k, v, None)
+        calls[family] = each_step(lambda k, v, f=function, m=module: f(m, q, k, v, None))
         if device == "cuda":  # the same call on the torch path: the Triton kernel's own share of the gain
             forced = copy.deepcopy(module)
             forced.cim.backend = "torch"
-            calls[f"{family}_torch"] = lambda f=function, m=forced: f(m, q, k, v, None)
+            calls[f"{family}_torch"] = each_step(lambda k, v, f=function, m=forced: f(m, q, k, v, None))
             if family == "gaincell":  # and on tensor cores (three TF32 passes per dot)
                 fast = copy.deepcopy(module)
                 fast.cim.dot_precision = "tf32x3"
-                calls[f"{family}_tf32x3"] = lambda f=function, m=fast: f(m, q, k, v, None)
+                calls[f"{family}_tf32x3"] = each_step(lambda k, v, f=function, m=fast: f(m, q, k, v, None))
     return calls
 
 
@@ -355,12 +365,15 @@ def _time_model(model: nn.Module, prompt: torch.Tensor, new: torch.Tensor, devic
     t_pre = time_call(lambda: model(input_ids=prompt, use_cache=False), device, repeats,
                       warm_up=lambda: caches.append(model(input_ids=prompt, use_cache=True).cache))
     cache, context = caches[0], prompt.shape[1]
+    # the same step each time — one token over `context` cached tokens — but not the same token twice in a row:
+    # a generated token is new to the hardware state, which writes it (the gain-cell decode state would otherwise reuse it)
+    tokens = itertools.cycle([new, (new + 1) % model.config.vocab_size])
 
     def decode():
         extra = cache.get_seq_length() - context
-        if extra:  # the same step each time: one token over `context` cached tokens
+        if extra:
             cache.crop(-extra)
-        return model(input_ids=new, cache=cache, use_cache=True)
+        return model(input_ids=next(tokens), cache=cache, use_cache=True)
 
     return t_pre, time_call(decode, device, repeats)
 

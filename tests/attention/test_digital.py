@@ -43,3 +43,17 @@ def test_digital_equals_eager_on_the_bundled_model():
     model, tokenizer = load_model("smollm2-135m")
     batch = tokenizer(["The capital of France is Paris, and the capital of Italy is"], return_tensors="pt")
     assert (logits(model, "eager", **batch) - logits(model, IMPLEMENTATIONS["digital"], **batch)).abs().max() < 1e-5
+
+
+def test_all_finite_sees_nan_and_inf_even_where_the_sum_overflows():
+    from cimattn.attention.common import all_finite
+
+    x = torch.ones(4, 5)
+    assert all_finite(x)
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        y = x.clone()
+        y[2, 3] = bad
+        assert not all_finite(y)
+    big = torch.full((8,), 3e38)  # finite elements whose fp32 sum overflows
+    assert all_finite(big) and not all_finite(torch.cat([big, torch.tensor([float("nan")])]))
+    assert all_finite(torch.full((100,), 60000.0, dtype=torch.float16))  # summed in fp32

@@ -316,6 +316,12 @@ def test_scaler_gain_is_kept_positive():
 
 # ---- decode on the stored array state (gaincell_decode) ----
 
+@pytest.fixture
+def every_step(monkeypatch):
+    """The stored state from the first decode step (by default only from MIN_CACHED_TOKENS cached tokens)."""
+    monkeypatch.setattr(gca_decode, "MIN_CACHED_TOKENS", 1)
+
+
 def decode(module, q, k, v, s, mask=None, position_ids=None):
     """One decode call: the query of cache index s − 1 over the first s cached tokens, under no_grad (B, H, 1, D)."""
     with torch.no_grad():
@@ -327,6 +333,7 @@ def expected(module, q, k, v, s, key_valid=None, offsets=None):
     return reference(module, q[:, :, s - 1 : s], k[:, :, :s], v[:, :, :s], key_valid, offsets)
 
 
+@pytest.mark.usefixtures("every_step")
 @pytest.mark.parametrize("kind", ["nonlinear", "linear"])
 @pytest.mark.parametrize("extra", [{}, {"noise": Noise(cell_variability_std=0.1, seed=3), "normalize": True, "av_tile_scale": 0.02}],
                          ids=["ideal-chip", "variability-normalize"])
@@ -344,6 +351,7 @@ def test_decode_steps_write_one_slot_each_and_equal_the_loop_reference(kind, ext
     assert state.k_terms.shape[-1] == 8 and state.v_terms.shape[2] == 8 and state.raw_k.shape[2] == 16 and state.index[0].tolist() == [16, 17, 18, 19, 20, 21, 14, 15]  # O(window)
 
 
+@pytest.mark.usefixtures("every_step")
 def test_decode_rewrites_slots_whose_cached_token_changed():
     """A rewound (cropped) cache and an edited old row are seen: the state is checked against the cache every step."""
     module = make_module(physics(noise=Noise(cell_variability_std=0.1)))
@@ -351,6 +359,9 @@ def test_decode_rewrites_slots_whose_cached_token_changed():
     for s in range(4, 15):
         decode(module, q, k, v, s)
     assert torch.allclose(decode(module, q, k, v, 9), expected(module, q, k, v, 9), atol=1e-10)  # rewound 5 tokens
+    k1 = k.clone()
+    k1[0, 1, 8, 0] += 0.25  # the newest token of sequence 0 replaced at the same index (a regenerated token)
+    assert torch.allclose(decode(module, q, k1, v, 9), expected(module, q, k1, v, 9), atol=1e-10)
     k2, v2 = k.clone(), v.clone()
     k2[1, 0, 6, 2] += 0.3  # an old token of sequence 1, still in the window
     v2[0, 1, 3, 0] -= 0.2
@@ -361,6 +372,7 @@ def test_decode_rewrites_slots_whose_cached_token_changed():
         decode(module, q, k2, v2, 12)
 
 
+@pytest.mark.usefixtures("every_step")
 def test_decode_with_left_padding_and_position_ids():
     """Sequences padded by different amounts (ring offsets 3 and 0): each step equals the reference with its keys masked."""
     module = make_module(physics())
@@ -375,6 +387,7 @@ def test_decode_with_left_padding_and_position_ids():
         assert torch.allclose(got, expected(module, q, k, v, s, valid[:, :s], offsets=torch.tensor([pad, 0])), atol=1e-10), s
 
 
+@pytest.mark.usefixtures("every_step")
 def test_decode_state_follows_the_scalers_and_reanchors_fast_leakage():
     """Changed k/v scalers rebuild the state; with τ of a quarter token step the leakage anchor moves every 5 tokens."""
     cfg = physics(leakage=Leakage(tau_s=2e-7, step_time_s=8e-7))
@@ -392,6 +405,7 @@ def test_decode_state_follows_the_scalers_and_reanchors_fast_leakage():
     assert torch.allclose(decode(module, q, k, v, 20), expected(module, q, k, v, 20), atol=1e-10)
 
 
+@pytest.mark.usefixtures("every_step")
 def test_decode_read_noise_is_seeded():
     module = make_module(physics(noise=Noise(read_std=0.02, seed=7)))
     q, k, v = inputs(t=12, s=12)
@@ -405,6 +419,7 @@ def test_decode_read_noise_is_seeded():
     assert (deviation > 0).all() and (deviation < 0.5).all()
 
 
+@pytest.mark.usefixtures("every_step")
 def test_training_and_statistics_take_the_torch_path():
     """With gradients on (or statistics asked) a one-token call is the torch path: the stored state is freed, gradients flow."""
     module = make_module(physics())
@@ -417,3 +432,16 @@ def test_training_and_statistics_take_the_torch_path():
     module.cim.record_stats = True
     decode(module, q.detach(), k, v, 6)
     assert module.cim.decode_state is None and set(module.cim.stats) == {"q", "k", "v", "out"}
+
+
+def test_short_caches_take_the_torch_path():
+    """Below MIN_CACHED_TOKENS a decode call reads the S cached tokens directly (cheaper than the state's write)."""
+    module = make_module(physics())
+    n = gca_decode.MIN_CACHED_TOKENS
+    q, k, v = inputs(t=n + 2, s=n + 2, seed=8)
+    short = decode(module, q, k, v, n - 1)
+    assert module.cim.decode_state is None
+    assert torch.allclose(short, expected(module, q, k, v, n - 1), atol=1e-10)
+    for s in (n, n + 1, n + 2):
+        assert torch.allclose(decode(module, q, k, v, s), expected(module, q, k, v, s), atol=1e-10)
+        assert module.cim.decode_state is not None

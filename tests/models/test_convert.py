@@ -5,6 +5,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cimattn.attention import gaincell_decode
 from cimattn.attention.gaincell import GainCellParams
 from cimattn.config import HardwareConfig, load_preset, with_changes
 from cimattn.errors import CimattnError
@@ -98,8 +99,10 @@ def prefill_then_decode(model, x, n):
     ],
     ids=["within-window", "beyond-window"],
 )
-def test_decode_equals_prefill(hw, n_tokens, n_prefill):
+@pytest.mark.parametrize("min_cached", [1, 10**9], ids=["array-state", "torch-path"])
+def test_decode_equals_prefill(hw, n_tokens, n_prefill, min_cached, monkeypatch):
     """Generating token by token with the cache gives the logits of one full forward (leakage included)."""
+    monkeypatch.setattr(gaincell_decode, "MIN_CACHED_TOKENS", min_cached)
     model, _ = load_model("tiny-llama")
     model.double()  # rounding edges: float64 keeps prefill and decode on the same side
     convert(model, hw)

@@ -43,6 +43,13 @@ def boolean_mask(*args, **kwargs) -> torch.Tensor | None:
     return sdpa_mask(*args, **kwargs)
 
 
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN or ±Inf in `x`: one reduction, since a NaN or an infinity makes the sum non-finite; only a sum
+    that overflowed (or one of those) pays for the elementwise test."""
+    total = x.sum(dtype=torch.promote_types(x.dtype, torch.float32))
+    return bool(torch.isfinite(total)) or bool(torch.isfinite(x).all())
+
+
 def positions(query: torch.Tensor, key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Absolute positions of the queries (T,) and keys (S,): keys 0..S−1, queries the last T."""
     t, s = query.shape[-2], key.shape[-2]

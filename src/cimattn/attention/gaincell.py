@@ -70,7 +70,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cimattn import kernels
-from cimattn.attention.common import keep_mask, use_kernel
+from cimattn.attention.common import all_finite, keep_mask, use_kernel
 from cimattn.attention.gaincell_decode import ArrayState, decode_applies, decode_step
 from cimattn.config.schema import GainCell, Scaler
 from cimattn.errors import CimattnError
@@ -215,7 +215,7 @@ def gaincell_attention(
     cim = _params_of(module)
     cfg = cim.config
     b, t, s = query.shape[0], query.shape[-2], key.shape[-2]
-    stepping = decode_applies(cim, t)  # one new token: the arrays' stored state is read, only changed slots are written
+    stepping = decode_applies(cim, t, s)  # one new token: the arrays' stored state is read, only changed slots are written
     _check_inputs(query, key, value, cim, finite_kv=not stepping)  # the step checks the rows it writes
     offsets = _ring_offsets(position_ids, b, s, t, query.device)  # (B,) cache index − ring position
     if cfg.context_policy == "error" and s - int(offsets.min()) > cfg.window_tokens:
@@ -266,7 +266,7 @@ def _params_of(module: nn.Module) -> GainCellParams:
 
 def _check_inputs(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cim: GainCellParams, finite_kv: bool = True) -> None:
     for name, x in (("query", query), ("key", key), ("value", value))[: 3 if finite_kv else 1]:
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise CimattnError(f"gain-cell attention (layer {cim.layer_idx}) received a non-finite {name} (NaN or Inf)")
     h, hkv, d = query.shape[1], key.shape[1], query.shape[-1]
     if (h, hkv, d) != (cim.n_heads, cim.n_kv_heads, cim.head_dim):

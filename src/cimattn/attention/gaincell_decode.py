@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from cimattn.attention.common import all_finite
 from cimattn.config.schema import GainCell
 from cimattn.errors import CimattnError
 from cimattn.physics.gaincell import (
@@ -47,6 +48,13 @@ from cimattn.physics.gaincell import (
     weighted_sum_from_terms,
 )
 from cimattn.physics.quantize import quantize
+
+
+WRITE_LOOP_MAX = 4  # up to this many slot writes go one by one (see `_write`)
+# Below this many cached tokens the torch path is cheaper: it reads only the S tokens, while a step here costs
+# ~100 small operations, half of them writing the new token (SmolLM2 shape, 2-core CPU: 2.1–2.6 vs 1.8–2.2 ms
+# per call in `generate` at 9–38 tokens; equal at ~64; 2.1 vs 4.9 ms at 256–356).
+MIN_CACHED_TOKENS = 128
 
 
 @dataclass
@@ -63,9 +71,9 @@ class ArrayState:
     v_terms: torch.Tensor  # (B, Hkv, W, n·C) of the V array (C = D, + 1 with the ΣA column)
 
 
-def decode_applies(cim, t: int) -> bool:
-    """One query per sequence, inference, no statistics asked: the step can run on the stored state."""
-    return t == 1 and not torch.is_grad_enabled() and not cim.record_stats and cim.fit_targets is None
+def decode_applies(cim, t: int, s: int) -> bool:
+    """One query per sequence over at least MIN_CACHED_TOKENS, inference, no statistics asked: the step runs on the stored state."""
+    return t == 1 and s >= MIN_CACHED_TOKENS and not torch.is_grad_enabled() and not cim.record_stats and cim.fit_targets is None
 
 
 def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
@@ -81,12 +89,13 @@ def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     b, h, _, d = query.shape
     hkv, s = key.shape[1], key.shape[2]
     t = s - 1  # the query's cache index
-    state = _state_for(cim, key, offsets, t, dtype)
+    ring_offsets = offsets.tolist()
+    state = _state_for(cim, key, ring_offsets, t, dtype)
     slots = torch.arange(w, device=key.device)
     need = t - ((t - offsets)[:, None] - slots[None, :]) % w  # (B, W) the token each slot holds for this query, < 0: none yet
     stale = (need >= 0) & (state.index != need)  # (B, W) slots to write
     for row in range(b):
-        _check_held(state, key, value, row, int(offsets[row]), t, stale[row], need[row])
+        _check_held(state, key, value, row, ring_offsets[row], t, stale[row], need[row])
     if bool(stale.any()):
         _write(cim, state, stale, need, key, value, dtype)
 
@@ -94,17 +103,21 @@ def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     rate = cfg.leakage.rate_per_token
     decay = None if rate == 0.0 else torch.full((1, 1), -rate * (t - state.anchor), dtype=dtype, device=q.device).exp_()
     has_k_gain, has_v_gain = cim.k_gain is not None, cim.v_gain is not None
-    scores = scores_from_terms(q, state.k_terms.transpose(-1, -2), cell_terms(cfg, cim.cell, has_k_gain), decay)  # (B, Hkv, G, W)
-    visible = need >= 0  # (B, W): every stored token is in the window; the mask removes padding
+    # until the ring is full only its first slots hold a visible token: read those tiles (L slots), not all W
+    n_tiles = min(w // tpa, -(-(t - min(ring_offsets) + 1) // tpa))
+    used = n_tiles * tpa
+    need = need[:, :used]
+    k_terms = state.k_terms[..., :used].transpose(-1, -2)  # (B, Hkv, L, n·D)
+    scores = scores_from_terms(q, k_terms, cell_terms(cfg, cim.cell, has_k_gain), decay)  # (B, Hkv, G, L)
+    visible = need >= 0  # (B, L): every stored token is in the window; the mask removes padding
     if attention_mask is not None:
         given = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         visible = visible & given[..., -1, -s:].reshape(-1, s).expand(b, -1).gather(-1, need.clamp_min(0))
     gen = cim.generator(q.device)
-    a = hard_sigmoid(scores, cfg, visible[:, None, None], gen)  # (B, Hkv, G, W)
+    a = hard_sigmoid(scores, cfg, visible[:, None, None], gen)  # (B, Hkv, G, L)
 
-    n_tiles = w // tpa
     a_tiles = a.view(b, hkv, -1, n_tiles, tpa).transpose(2, 3)  # (B, Hkv, N, G, tpa)
-    v_terms = state.v_terms.view(b, hkv, n_tiles, tpa, -1)  # (B, Hkv, N, tpa, n·C)
+    v_terms = state.v_terms[:, :, :used].view(b, hkv, n_tiles, tpa, -1)  # (B, Hkv, N, tpa, n·C)
     partial = weighted_sum_from_terms(a_tiles, v_terms, cell_terms(cfg, cim.cell, has_v_gain), decay)  # (B, Hkv, N, G, C)
     seen = visible.view(b, 1, n_tiles, 1, tpa).any(-1, keepdim=True).to(dtype)  # (B, 1, N, 1, 1) the tile holds a visible key
     out = tile_readout(partial, cfg, gen, active=seen).mul_(seen).sum(dim=2)  # (B, Hkv, G, C): tiles summed digitally
@@ -114,17 +127,17 @@ def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.reshape(b, h, 1, d)
 
 
-def _signature(cim, key: torch.Tensor, offsets: torch.Tensor, dtype: torch.dtype) -> tuple:
+def _signature(cim, key: torch.Tensor, ring_offsets: list[int], dtype: torch.dtype) -> tuple:
     tensors = [cim.scalers[n].a for n in ("k", "v")] + [cim.scalers[n].b for n in ("k", "v")]
     tensors += [g for g in (cim.k_gain, cim.v_gain) if g is not None]
-    return (key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device, dtype, cim.cell, tuple(offsets.tolist()),
+    return (key.shape[0], key.shape[1], key.shape[3], key.dtype, key.device, dtype, cim.cell, tuple(ring_offsets),
             tuple((x.data_ptr(), x._version) for x in tensors))
 
 
-def _state_for(cim, key: torch.Tensor, offsets: torch.Tensor, t: int, dtype: torch.dtype) -> ArrayState:
+def _state_for(cim, key: torch.Tensor, ring_offsets: list[int], t: int, dtype: torch.dtype) -> ArrayState:
     """The layer's state if it still describes this chip and call, else an empty one anchored at `t`."""
     cfg = cim.config
-    signature = _signature(cim, key, offsets, dtype)
+    signature = _signature(cim, key, ring_offsets, dtype)
     state: ArrayState | None = cim.decode_state
     limit = max_query_block(cfg)
     if (state is not None and state.signature == signature and state.config == cfg
@@ -150,19 +163,23 @@ def _check_held(state: ArrayState, key: torch.Tensor, value: torch.Tensor, row: 
                 stale: torch.Tensor, need: torch.Tensor) -> None:
     """Mark in `stale` (W,) every slot of batch row `row` whose stored raw k/v differs from the cache's token (in place).
 
-    In generation only the new token's slot is stale and the others are
-    compared in one run (the window in cache order is the ring rotated, and
-    each row is stored twice, at slot and slot + W); anything else (a first
-    call, a rewound or edited cache) is compared slot by slot.
+    In generation only the newest token's slot can be stale: the older ones
+    are compared in one run (the window in cache order is the ring rotated,
+    and each row is stored twice, at slot and slot + W) and the newest on its
+    own (it may be a new token at the same index: a regenerated or rejected
+    one); anything else (a first call, a rewound or edited cache) is compared
+    slot by slot.
     """
     w = state.index.shape[1]
     lo = max(0, t - w + 1)
     newest = (t - offset) % w
     n_stale = int(stale.sum())
     if n_stale == 0 or (n_stale == 1 and bool(stale[newest])):
-        hi = t + 1 - n_stale  # the tokens already written
         first = (lo - offset) % w  # the slot of cache index lo
-        if all(_equal(x[row, :, lo:hi], raw[row, :, first : first + hi - lo]) for x, raw in ((key, state.raw_k), (value, state.raw_v))):
+        pairs = ((key, state.raw_k), (value, state.raw_v))
+        if all(_equal(x[row, :, lo:t], raw[row, :, first : first + t - lo]) for x, raw in pairs):
+            if n_stale == 0 and not all(_equal(x[row, :, t], raw[row, :, newest]) for x, raw in pairs):
+                stale[newest] = True
             return
     held = need.clamp_min(0)
     differs = torch.zeros_like(stale)
@@ -182,27 +199,35 @@ def _write(cim, state: ArrayState, stale: torch.Tensor, need: torch.Tensor, key:
            dtype: torch.dtype) -> None:
     """Write the cache's tokens into the `stale` (B, W) slots: raw rows, then scaler → quantiser → stored operand of each term."""
     cfg = cim.config
+    w = state.index.shape[1]
     rows, slots = stale.nonzero(as_tuple=True)  # (n,) batch row and ring slot of each write
     index = need[rows, slots]  # (n,) cache index of each token written
     k_new, v_new = key[rows, :, index], value[rows, :, index]  # (n, Hkv, D)
     for name, x in (("key", k_new), ("value", v_new)):
-        if not torch.isfinite(x).all():
+        if not all_finite(x):
             raise CimattnError(f"gain-cell attention (layer {cim.layer_idx}) received a non-finite {name} (NaN or Inf)")
-    state.index[rows, slots] = index
-    for at in (slots, slots + state.index.shape[1]):
-        state.raw_k[rows, :, at], state.raw_v[rows, :, at] = k_new, v_new
+    rate = cfg.leakage.rate_per_token
+    key_decay = None if rate == 0.0 else torch.exp(rate * (index - state.anchor).to(dtype))[:, None, None]  # (n, 1, 1)
 
     def stored(name: str, x: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
         y = quantize(cim.scalers[name](x.to(dtype).transpose(0, 1)).transpose(0, 1), getattr(cfg, name))  # (n, Hkv, D)
         if name == "v" and cfg.normalize:  # the all-ones column, stored at full scale
             y = torch.cat([y, torch.full_like(y[..., :1], cfg.v.high)], dim=-1)
-        rate = cfg.leakage.rate_per_token
-        key_decay = None if rate == 0.0 else torch.exp(rate * (index - state.anchor).to(dtype))[:, None, None]  # (n, 1, 1)
         g = None if gain is None else gain[:, slots].transpose(0, 1).to(dtype)  # (n, Hkv, ·): this cell's gain
         return stored_terms(y, cfg, cell_terms(cfg, cim.cell, gain is not None), key_decay, g)
 
-    state.k_terms[rows, :, :, slots] = stored("k", k_new, cim.k_gain)
-    state.v_terms[rows, :, slots] = stored("v", v_new, cim.v_gain)
+    k_terms, v_terms = stored("k", k_new, cim.k_gain), stored("v", v_new, cim.v_gain)
+    if len(rows) <= WRITE_LOOP_MAX:  # a token per sequence (generation): plain slices copy faster than index_put
+        for j, (r, sl) in enumerate(zip(rows.tolist(), slots.tolist())):
+            state.index[r, sl] = index[j]
+            for at in (sl, sl + w):
+                state.raw_k[r, :, at], state.raw_v[r, :, at] = k_new[j], v_new[j]
+            state.k_terms[r, :, :, sl], state.v_terms[r, :, sl] = k_terms[j], v_terms[j]
+        return
+    state.index[rows, slots] = index
+    for at in (slots, slots + w):
+        state.raw_k[rows, :, at], state.raw_v[rows, :, at] = k_new, v_new
+    state.k_terms[rows, :, :, slots], state.v_terms[rows, :, slots] = k_terms, v_terms
 
 
 __all__ = ["ArrayState", "decode_applies", "decode_step"]

@@ -115,8 +115,13 @@ def stored_terms(
     This is what an array holds once its token is written; `scores_from_terms`
     and `weighted_sum_from_terms` read it.
     """
-    u = y - cfg.y_mid
-    return torch.cat([c * _stored(u, i, key_decay, gain) for i, c in zip(terms.powers, terms.coeffs)], -1)
+    ud = y - cfg.y_mid if key_decay is None else (y - cfg.y_mid) * key_decay  # u^i · dk^i = (u · dk)^i
+    power = {0: torch.ones_like(ud), 1: ud}
+    for i in range(2, max(terms.powers) + 1):
+        power[i] = power[i - 1] * ud
+    coeffs = torch.tensor(terms.coeffs, dtype=ud.dtype, device=ud.device)[:, None]  # (n, 1)
+    out = torch.stack([power[i] for i in terms.powers], -2) * coeffs  # (..., S, n, C)
+    return (out if gain is None else out * gain.unsqueeze(-2)).flatten(-2)
 
 
 def scores_from_terms(q: torch.Tensor, stored: torch.Tensor, terms: Terms, query_decay: torch.Tensor | None = None) -> torch.Tensor:
@@ -124,7 +129,12 @@ def scores_from_terms(q: torch.Tensor, stored: torch.Tensor, terms: Terms, query
 
     `query_decay` (broadcast against q, e.g. (..., T, 1)) is the query factor of a `Decay`.
     """
-    pulses = torch.cat([q if query_decay is None or i == 0 else q * query_decay.pow(i) for i in terms.powers], -1)
+    n = len(terms.powers)
+    if query_decay is None:
+        pulses = q.repeat((1,) * (q.dim() - 1) + (n,))  # (..., T, n·D): q once per term
+    else:
+        exponents = torch.tensor(terms.powers, dtype=q.dtype, device=q.device)[:, None]  # (n, 1)
+        pulses = (q.unsqueeze(-2) * query_decay.unsqueeze(-2).pow(exponents)).flatten(-2)  # (..., T, n·D): q · dq^i per term
     acc = torch.matmul(pulses, stored.transpose(-1, -2))  # (..., T, S)
     return _plus(acc, q.sum(-1, keepdim=True), terms.constant) if terms.constant else acc
 
@@ -190,12 +200,6 @@ def cell_weighted_sum(
         return run
 
     return _with_gradient(product("linear"), product("nonlinear"), cfg, kind or cfg.cell)
-
-
-def _stored(u: torch.Tensor, i: int, key_decay: torch.Tensor | None, gain: torch.Tensor | None) -> torch.Tensor:
-    """The stored operand of the i-th polynomial term: u^i · dk^i (· gain), (..., S, D)."""
-    x = u.pow(i) if gain is None else u.pow(i) * gain
-    return x if key_decay is None or i == 0 else x * key_decay.pow(i)
 
 
 def _plus(acc: torch.Tensor, m: torch.Tensor, c: float) -> torch.Tensor:
