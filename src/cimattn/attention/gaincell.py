@@ -108,9 +108,12 @@ class HeadScaler(nn.Module):
         self.a = nn.Parameter(torch.full((heads,), float(init.a)))
         self.b = nn.Parameter(torch.full((heads,), float(init.b)))
 
+    def gain(self) -> torch.Tensor:
+        """The gain applied, a clamped to ≥ MIN_GAIN, (heads,)."""
+        return self.a.clamp_min(MIN_GAIN)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a = self.a.clamp_min(MIN_GAIN).to(x.dtype)[:, None, None]  # (heads, 1, 1)
-        return a * x + self.b.to(x.dtype)[:, None, None]
+        return self.gain().to(x.dtype)[:, None, None] * x + self.b.to(x.dtype)[:, None, None]
 
 
 def derive_seed(seed: int, layer_idx: int, stream: int) -> int:

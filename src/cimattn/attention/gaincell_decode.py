@@ -69,6 +69,8 @@ class ArrayState:
     raw_v: torch.Tensor  # (B, Hkv, 2W, D): so the window in cache order is one contiguous run
     k_terms: torch.Tensor  # (B, Hkv, n·D, W) stored operands of the K array, transposed (the scores' matmul reads it ~1.5× faster cold)
     v_terms: torch.Tensor  # (B, Hkv, W, n·C) of the V array (C = D, + 1 with the ΣA column)
+    kv_gain: torch.Tensor  # (2, 1, Hkv, 1) the k and v scalers' gains, then shifts: a step writes both in one pass
+    kv_shift: torch.Tensor
 
 
 def decode_applies(cim, t: int, s: int) -> bool:
@@ -94,9 +96,7 @@ def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     slots = torch.arange(w, device=key.device)
     need = t - ((t - offsets)[:, None] - slots[None, :]) % w  # (B, W) the token each slot holds for this query, < 0: none yet
     stale = (need >= 0) & (state.index != need)  # (B, W) slots to write
-    for row in range(b):
-        _check_held(state, key, value, row, ring_offsets[row], t, stale[row], need[row])
-    if bool(stale.any()):
+    if sum(_check_held(state, key, value, row, ring_offsets[row], t, stale[row], need[row]) for row in range(b)):
         _write(cim, state, stale, need, key, value, dtype)
 
     q = quantize(cim.scale("q", query.to(dtype)), cfg.q).view(b, hkv, h // hkv, d)  # (B, Hkv, G, D): a group drives one array
@@ -154,14 +154,18 @@ def _state_for(cim, key: torch.Tensor, ring_offsets: list[int], t: int, dtype: t
         index=torch.full((b, w), -1, dtype=torch.long, **new),
         raw_k=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, **new), raw_v=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, **new),
         k_terms=torch.zeros(b, hkv, n_k * d, w, dtype=dtype, **new), v_terms=torch.zeros(b, hkv, w, n_v * c, dtype=dtype, **new),
+        kv_gain=torch.stack([cim.scalers[n].gain() for n in ("k", "v")]).to(dtype)[:, None, :, None],
+        kv_shift=torch.stack([cim.scalers[n].b for n in ("k", "v")]).to(dtype)[:, None, :, None],
     )
     cim.decode_state = state
     return state
 
 
 def _check_held(state: ArrayState, key: torch.Tensor, value: torch.Tensor, row: int, offset: int, t: int,
-                stale: torch.Tensor, need: torch.Tensor) -> None:
+                stale: torch.Tensor, need: torch.Tensor) -> int:
     """Mark in `stale` (W,) every slot of batch row `row` whose stored raw k/v differs from the cache's token (in place).
+
+    Returns how many slots of the row are stale (to write).
 
     In generation only the newest token's slot can be stale: the older ones
     are compared in one run (the window in cache order is the ring rotated,
@@ -180,12 +184,14 @@ def _check_held(state: ArrayState, key: torch.Tensor, value: torch.Tensor, row: 
         if all(_equal(x[row, :, lo:t], raw[row, :, first : first + t - lo]) for x, raw in pairs):
             if n_stale == 0 and not all(_equal(x[row, :, t], raw[row, :, newest]) for x, raw in pairs):
                 stale[newest] = True
-            return
+                return 1
+            return n_stale
     held = need.clamp_min(0)
     differs = torch.zeros_like(stale)
     for x, raw in ((key, state.raw_k), (value, state.raw_v)):
         differs |= (x[row].index_select(1, held) - raw[row, :, :w]).abs().amax(dim=(0, 2)) != 0  # NaN differs too
     stale |= differs & (need >= 0)
+    return int(stale.sum())
 
 
 def _equal(x: torch.Tensor, y: torch.Tensor) -> bool:
@@ -203,23 +209,28 @@ def _write(cim, state: ArrayState, stale: torch.Tensor, need: torch.Tensor, key:
     rows, slots = stale.nonzero(as_tuple=True)  # (n,) batch row and ring slot of each write
     index = need[rows, slots]  # (n,) cache index of each token written
     k_new, v_new = key[rows, :, index], value[rows, :, index]  # (n, Hkv, D)
-    for name, x in (("key", k_new), ("value", v_new)):
-        if not all_finite(x):
-            raise CimattnError(f"gain-cell attention (layer {cim.layer_idx}) received a non-finite {name} (NaN or Inf)")
+    kv = torch.stack([k_new, v_new]).to(dtype)  # (2, n, Hkv, D): both arrays' tokens through the same steps
+    if not all_finite(kv):
+        name = "key" if not all_finite(k_new) else "value"
+        raise CimattnError(f"gain-cell attention (layer {cim.layer_idx}) received a non-finite {name} (NaN or Inf)")
+    kv = torch.addcmul(state.kv_shift, kv, state.kv_gain)  # the k and v scalers
+    kv = quantize(kv, cfg.k) if cfg.k == cfg.v else torch.stack([quantize(kv[0], cfg.k), quantize(kv[1], cfg.v)])
     rate = cfg.leakage.rate_per_token
     key_decay = None if rate == 0.0 else torch.exp(rate * (index - state.anchor).to(dtype))[:, None, None]  # (n, 1, 1)
 
-    def stored(name: str, x: torch.Tensor, gain: torch.Tensor | None) -> torch.Tensor:
-        y = quantize(cim.scalers[name](x.to(dtype).transpose(0, 1)).transpose(0, 1), getattr(cfg, name))  # (n, Hkv, D)
-        if name == "v" and cfg.normalize:  # the all-ones column, stored at full scale
-            y = torch.cat([y, torch.full_like(y[..., :1], cfg.v.high)], dim=-1)
-        g = None if gain is None else gain[:, slots].transpose(0, 1).to(dtype)  # (n, Hkv, ·): this cell's gain
-        return stored_terms(y, cfg, cell_terms(cfg, cim.cell, gain is not None), key_decay, g)
+    def gain(g: torch.Tensor | None) -> torch.Tensor | None:
+        return None if g is None else g[:, slots].transpose(0, 1).to(dtype)  # (n, Hkv, ·): this cell's gain
 
-    k_terms, v_terms = stored("k", k_new, cim.k_gain), stored("v", v_new, cim.v_gain)
+    if not cfg.normalize and (cim.k_gain is None) == (cim.v_gain is None):  # same shapes: one pass for both arrays
+        gains = None if cim.k_gain is None else torch.stack([gain(cim.k_gain), gain(cim.v_gain)])
+        k_terms, v_terms = stored_terms(kv, cfg, cell_terms(cfg, cim.cell, gains is not None), key_decay, gains)
+    else:
+        k_terms = stored_terms(kv[0], cfg, cell_terms(cfg, cim.cell, cim.k_gain is not None), key_decay, gain(cim.k_gain))
+        v = torch.cat([kv[1], torch.full_like(kv[1][..., :1], cfg.v.high)], -1) if cfg.normalize else kv[1]  # + the ΣA column
+        v_terms = stored_terms(v, cfg, cell_terms(cfg, cim.cell, cim.v_gain is not None), key_decay, gain(cim.v_gain))
     if len(rows) <= WRITE_LOOP_MAX:  # a token per sequence (generation): plain slices copy faster than index_put
-        for j, (r, sl) in enumerate(zip(rows.tolist(), slots.tolist())):
-            state.index[r, sl] = index[j]
+        for j, (r, sl, i) in enumerate(zip(rows.tolist(), slots.tolist(), index.tolist())):
+            state.index[r, sl] = i
             for at in (sl, sl + w):
                 state.raw_k[r, :, at], state.raw_v[r, :, at] = k_new[j], v_new[j]
             state.k_terms[r, :, :, sl], state.v_terms[r, :, sl] = k_terms[j], v_terms[j]

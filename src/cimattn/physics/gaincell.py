@@ -116,9 +116,11 @@ def stored_terms(
     and `weighted_sum_from_terms` read it.
     """
     ud = y - cfg.y_mid if key_decay is None else (y - cfg.y_mid) * key_decay  # u^i · dk^i = (u · dk)^i
-    power = {0: torch.ones_like(ud), 1: ud}
+    power = {1: ud}
     for i in range(2, max(terms.powers) + 1):
         power[i] = power[i - 1] * ud
+    if 0 in terms.powers:
+        power[0] = torch.ones_like(ud)
     coeffs = torch.tensor(terms.coeffs, dtype=ud.dtype, device=ud.device)[:, None]  # (n, 1)
     out = torch.stack([power[i] for i in terms.powers], -2) * coeffs  # (..., S, n, C)
     return (out if gain is None else out * gain.unsqueeze(-2)).flatten(-2)
