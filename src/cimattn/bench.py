@@ -4,7 +4,8 @@ One run times, on the CPU and on CUDA when present:
 
 * attention calls on attention-shaped tensors of the model (its query heads,
   KV heads and head dim): prefill of T tokens (causal) and decode of one
-  query over a cache of L tokens, at each batch size — digital SDPA
+  query over a cache of L tokens whose newest token changes from call to
+  call (as in generation), at each batch size — digital SDPA
   (`torch.nn.functional.scaled_dot_product_attention`) and each hardware
   attention function with its preset's physics (`ATTENTIONS`); on CUDA
   each takes its Triton kernels where they support the call (the automatic
@@ -360,7 +361,7 @@ def bench_model(
 
 
 def _time_model(model: nn.Module, prompt: torch.Tensor, new: torch.Tensor, device: str, repeats: int) -> tuple[dict, dict]:
-    """Timings of a prefill of `prompt` (1, L) and of one decode step of `new` (1, 1) over its L cached tokens."""
+    """Timings of a prefill of `prompt` (1, L) and of one decode step of `new` (1, 1), or the token after it, over its L cached tokens."""
     caches = []
     t_pre = time_call(lambda: model(input_ids=prompt, use_cache=False), device, repeats,
                       warm_up=lambda: caches.append(model(input_ids=prompt, use_cache=True).cache))

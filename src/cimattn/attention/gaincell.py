@@ -28,6 +28,12 @@ outputs are summed digitally: the score is then still the full dot product
 does not change.  Dropout is not modelled (the hardware has none; the
 paper trains with dropout 0).
 
+Decoding one token over at least `gaincell_decode.MIN_CACHED_TOKENS`
+cached tokens, without gradients, runs on `module.cim.decode_state`, a
+model of what the arrays hold (`cimattn.attention.gaincell_decode`): the
+new token is written into its ring slot and the stored operands are read,
+instead of re-deriving the whole window from the cache every token.
+
 Hardware parameters live in `module.cim`, a `GainCellParams` that
 `cimattn.models.convert` attaches to each attention module.
 

@@ -12,7 +12,8 @@ edited cache rewrites the slot), and the stored operand of every polynomial
 term, c_i · u^i · dk^i (· gain) (`physics.stored_terms`), whose leakage
 factor dk = exp(rate · (index − anchor)) is taken against a fixed anchor.  A
 step writes only the slots whose token changed (one per generated token),
-then reads all W slots with the query's factor exp(−rate · (t − anchor)):
+then reads the slots in use (all W once the ring is full) with the query's
+factor exp(−rate · (t − anchor)):
 the arithmetic of the torch path — scores, HardSigmoid, per-tile read-out,
 digital sum — in another summation order (agreement to rounding, ~1e-6 of
 full scale in fp32).  The state is rebuilt when the anchor would let a
