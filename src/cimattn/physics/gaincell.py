@@ -36,6 +36,7 @@ leading dimensions broadcast like `torch.matmul`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import Literal, NamedTuple
 
 import torch
@@ -167,16 +168,7 @@ def cell_scores(
 
     `gain` broadcasts to k's shape (one per stored cell).
     """
-
-    def product(cell_kind: CellKind) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            terms = cell_terms(cfg, cell_kind, gain is not None)
-            stored = stored_terms(k, cfg, terms, None if decay is None else decay.key, gain)
-            return scores_from_terms(q, stored, terms, None if decay is None else decay.query)
-
-        return run
-
-    return _with_gradient(product("linear"), product("nonlinear"), cfg, kind or cfg.cell)
+    return _array_product(scores_from_terms, q, k, cfg, decay, kind, gain)
 
 
 def cell_weighted_sum(
@@ -192,16 +184,19 @@ def cell_weighted_sum(
 
     The i-th term of each cell decays as decay^i (the constant term not at all).
     """
+    return _array_product(weighted_sum_from_terms, a, v, cfg, decay, kind, gain)
 
-    def product(cell_kind: CellKind) -> Callable[[], torch.Tensor]:
-        def run() -> torch.Tensor:
-            terms = cell_terms(cfg, cell_kind, gain is not None)
-            stored = stored_terms(v, cfg, terms, None if decay is None else decay.key, gain)
-            return weighted_sum_from_terms(a, stored, terms, None if decay is None else decay.query)
 
-        return run
+def _array_product(read: Callable, x: torch.Tensor, y: torch.Tensor, cfg: GainCell, decay: Decay | None, kind: CellKind | None,
+                   gain: torch.Tensor | None) -> torch.Tensor:
+    """`read` (scores or weighted sum) of pulses x against the stored y's terms, with the cell's value and gradient."""
 
-    return _with_gradient(product("linear"), product("nonlinear"), cfg, kind or cfg.cell)
+    def product(cell_kind: CellKind) -> torch.Tensor:
+        terms = cell_terms(cfg, cell_kind, gain is not None)
+        stored = stored_terms(y, cfg, terms, None if decay is None else decay.key, gain)
+        return read(x, stored, terms, None if decay is None else decay.query)
+
+    return _with_gradient(partial(product, "linear"), partial(product, "nonlinear"), cfg, kind or cfg.cell)
 
 
 def _plus(acc: torch.Tensor, m: torch.Tensor, c: float) -> torch.Tensor:
