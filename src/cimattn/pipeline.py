@@ -85,16 +85,20 @@ def new_results(spec: RunSpec, hardware: HardwareConfig, previous: dict | None) 
     """The results record: config, seed, versions and commit beside the metrics.
 
     Metrics of a previous run into the same directory are kept only when it
-    ran the very same spec and hardware.
+    ran the very same spec and hardware; `measured_by` then names the commit
+    whose code measured them (the first run's), which `git_commit` (this
+    run's) need not be.
     """
     config = {"run": spec.key(), "hardware": hardware.model_dump(mode="json")}
     digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
     reuse = previous is not None and previous.get("config_hash") == digest
+    commit = git_commit()
     return {
         "model": spec.model,
         "preset": spec.preset,
         "seed": spec.seed,
-        "git_commit": git_commit(),
+        "git_commit": commit,
+        "measured_by": previous.get("measured_by", previous.get("git_commit")) if reuse else commit,
         "versions": versions(),
         "config": config,
         "config_hash": digest,
@@ -244,6 +248,9 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     previous = read_json(out / RESULTS) if (out / RESULTS).is_file() else None
     run = Run(spec=spec, hardware=hardware, progress=progress, results=new_results(spec, hardware, previous))
+    if run.results["measured_by"] != run.results["git_commit"] and run.results["metrics"]:
+        log(f"resuming measurements made by commit {run.results['measured_by']} (this is {run.results['git_commit']}): "
+            f"remove {out} for a fresh run with this code")
     if spec.context > hardware_window(hardware) and hardware.gaincell and hardware.gaincell.context_policy == "error":
         raise CimattnError(
             f"--context {spec.context} exceeds the hardware window ({hardware_window(hardware)} tokens) "

@@ -187,3 +187,20 @@ def test_adapt_command_writes_adapted_parameters(cli, monkeypatch, capsys, tmp_p
     metrics = json.loads((out / "results.json").read_text())["metrics"]
     assert "ppl_digital" not in metrics and "ppl_hardware_initialized" in metrics
     assert (out / "adapted" / "hardware.safetensors").is_file() and (out / "report.md").is_file()
+
+
+def test_resumed_results_name_the_commit_that_measured_them(monkeypatch):
+    """A rerun reuses an identical run's metrics; `measured_by` keeps the commit whose code measured them."""
+    from cimattn import pipeline
+    from cimattn.config import load_preset
+
+    spec, hw = pipeline.RunSpec(), load_preset("leroux-gaincell")
+    monkeypatch.setattr(pipeline, "git_commit", lambda: "aaa")
+    first = pipeline.new_results(spec, hw, None)
+    first["metrics"]["ppl_digital"] = 32.0
+    monkeypatch.setattr(pipeline, "git_commit", lambda: "bbb")
+    again = pipeline.new_results(spec, hw, first)
+    assert (again["git_commit"], again["measured_by"], again["metrics"]) == ("bbb", "aaa", {"ppl_digital": 32.0})
+    assert pipeline.new_results(spec, hw, again)["measured_by"] == "aaa"  # still the first run's code
+    other = pipeline.new_results(pipeline.RunSpec(seed=1), hw, again)  # another spec: nothing reused
+    assert (other["measured_by"], other["metrics"]) == ("bbb", {})
