@@ -84,11 +84,13 @@ from cimattn.physics.gaincell import (
     Decay,
     cell_scores,
     cell_weighted_sum,
+    divide_by_sum_column,
     hard_sigmoid,
     leakage_decay,
     max_query_block,
     tile_readout,
     variability_gain,
+    with_sum_column,
 )
 from cimattn.physics.quantize import quantize
 
@@ -336,13 +338,11 @@ def _attend_block(
     a = hard_sigmoid(scores.view(b, hkv, groups, tb, sb), cfg, keep[:, :, None], gen)  # (B, Hkv, G, Tb, Sb)
     a = a.reshape(b, hkv, groups * tb, sb)  # (B, Hkv, G·Tb, Sb)
 
-    if cfg.normalize:  # an all-ones column stored at full scale: its read-out is ΣA through the same path
-        v = torch.cat([v, torch.full_like(v[..., :1], cfg.v.high)], dim=-1)  # (B, Hkv, Sb, D+1)
+    if cfg.normalize:
+        v = with_sum_column(v, cfg)  # (B, Hkv, Sb, D+1)
     out = _tile_readouts(cim, a, v, decay_g, v_gain, keep, ring, gen)  # (B, Hkv, G·Tb, C), tiles summed
     if cfg.normalize:
-        den = out[..., d:]
-        ratio = out[..., :d] / den.clamp_min(torch.finfo(out.dtype).tiny)
-        out = torch.where(den > 0, ratio, torch.zeros_like(ratio))  # no key seen (ΣA read as 0): output 0
+        out = divide_by_sum_column(out)
     return out.reshape(b, h, tb, d)  # (B, H, Tb, D)
 
 

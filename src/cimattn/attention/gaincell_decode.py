@@ -41,15 +41,16 @@ from cimattn.config.schema import GainCell
 from cimattn.errors import CimattnError
 from cimattn.physics.gaincell import (
     cell_terms,
+    divide_by_sum_column,
     hard_sigmoid,
     max_query_block,
     scores_from_terms,
     stored_terms,
     tile_readout,
     weighted_sum_from_terms,
+    with_sum_column,
 )
 from cimattn.physics.quantize import quantize
-
 
 WRITE_LOOP_MAX = 4  # up to this many slot writes go one by one (see `_write`)
 # Below this many cached tokens the torch path is cheaper: it reads only the S tokens, while a step here costs
@@ -123,8 +124,7 @@ def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     seen = visible.view(b, 1, n_tiles, 1, tpa).any(-1, keepdim=True).to(dtype)  # (B, 1, N, 1, 1) the tile holds a visible key
     out = tile_readout(partial, cfg, gen, active=seen).mul_(seen).sum(dim=2)  # (B, Hkv, G, C): tiles summed digitally
     if cfg.normalize:
-        den = out[..., d:]
-        out = torch.where(den > 0, out[..., :d] / den.clamp_min(torch.finfo(out.dtype).tiny), torch.zeros_like(out[..., :d]))
+        out = divide_by_sum_column(out)
     return out.reshape(b, h, 1, d)
 
 
@@ -149,12 +149,12 @@ def _state_for(cim, key: torch.Tensor, ring_offsets: list[int], t: int, dtype: t
     n_k = len(cell_terms(cfg, cim.cell, cim.k_gain is not None).powers)
     n_v = len(cell_terms(cfg, cim.cell, cim.v_gain is not None).powers)
     c = d + 1 if cfg.normalize else d
-    new = dict(device=key.device)
+    dev = key.device
     state = ArrayState(
         signature=signature, config=cfg.model_copy(deep=True), anchor=t,
-        index=torch.full((b, w), -1, dtype=torch.long, **new),
-        raw_k=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, **new), raw_v=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, **new),
-        k_terms=torch.zeros(b, hkv, n_k * d, w, dtype=dtype, **new), v_terms=torch.zeros(b, hkv, w, n_v * c, dtype=dtype, **new),
+        index=torch.full((b, w), -1, dtype=torch.long, device=dev),
+        raw_k=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, device=dev), raw_v=torch.zeros(b, hkv, 2 * w, d, dtype=key.dtype, device=dev),
+        k_terms=torch.zeros(b, hkv, n_k * d, w, dtype=dtype, device=dev), v_terms=torch.zeros(b, hkv, w, n_v * c, dtype=dtype, device=dev),
         kv_gain=torch.stack([cim.scalers[n].gain() for n in ("k", "v")]).to(dtype)[:, None, :, None],
         kv_shift=torch.stack([cim.scalers[n].b for n in ("k", "v")]).to(dtype)[:, None, :, None],
     )
@@ -222,13 +222,13 @@ def _write(cim, state: ArrayState, stale: torch.Tensor, need: torch.Tensor, key:
     def gain(g: torch.Tensor | None) -> torch.Tensor | None:
         return None if g is None else g[:, slots].transpose(0, 1).to(dtype)  # (n, Hkv, ·): this cell's gain
 
-    if not cfg.normalize and (cim.k_gain is None) == (cim.v_gain is None):  # same shapes: one pass for both arrays
+    terms = cell_terms(cfg, cim.cell, cim.k_gain is not None)  # k and v gains are drawn together (or neither)
+    if not cfg.normalize:  # same shapes: one pass for both arrays
         gains = None if cim.k_gain is None else torch.stack([gain(cim.k_gain), gain(cim.v_gain)])
-        k_terms, v_terms = stored_terms(kv, cfg, cell_terms(cfg, cim.cell, gains is not None), key_decay, gains)
-    else:
-        k_terms = stored_terms(kv[0], cfg, cell_terms(cfg, cim.cell, cim.k_gain is not None), key_decay, gain(cim.k_gain))
-        v = torch.cat([kv[1], torch.full_like(kv[1][..., :1], cfg.v.high)], -1) if cfg.normalize else kv[1]  # + the ΣA column
-        v_terms = stored_terms(v, cfg, cell_terms(cfg, cim.cell, cim.v_gain is not None), key_decay, gain(cim.v_gain))
+        k_terms, v_terms = stored_terms(kv, cfg, terms, key_decay, gains)
+    else:  # V holds the ΣA column too
+        k_terms = stored_terms(kv[0], cfg, terms, key_decay, gain(cim.k_gain))
+        v_terms = stored_terms(with_sum_column(kv[1], cfg), cfg, terms, key_decay, gain(cim.v_gain))
     if len(rows) <= WRITE_LOOP_MAX:  # a token per sequence (generation): plain slices copy faster than index_put
         for j, (r, sl, i) in enumerate(zip(rows.tolist(), slots.tolist(), index.tolist())):
             state.index[r, sl] = i

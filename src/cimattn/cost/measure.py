@@ -208,11 +208,12 @@ def fit(points: list[Point], caches: dict[str, int] | None = None, steps: int | 
     sizes = sorted({p.bytes for p in points if caches["L2"] < p.bytes <= caches["L3"]})
     starts = [caches["L3"]] + [(a * b) ** 0.5 for a, b in zip(sizes, sizes[1:])]
     fits = [_fit_once(points, caches | {"L3": c}, steps, overlap) for c in starts]
-    return min(fits, key=lambda m: _log_loss(m, points))
+    inputs, log_t = fits[0].inputs(points), _tensors(points)[2].log()  # every start has the same blocks
+    return min(fits, key=lambda m: _log_loss(m, inputs, log_t))
 
 
-def _log_loss(model: MeasuredRoofline, points: list[Point]) -> torch.Tensor:
-    return ((model.predict(points).log() - _tensors(points)[2].log()) ** 2).mean()
+def _log_loss(model: MeasuredRoofline, inputs: tuple, log_t: torch.Tensor) -> torch.Tensor:
+    return ((model(*inputs).log() - log_t) ** 2).mean()
 
 
 def _fit_once(points: list[Point], caches: dict[str, float], steps: int, overlap: bool) -> MeasuredRoofline:
@@ -221,7 +222,7 @@ def _fit_once(points: list[Point], caches: dict[str, float], steps: int, overlap
     opt = torch.optim.Adam(model.parameters(), lr=0.05)
     for _ in range(steps):
         opt.zero_grad()
-        ((model(*inputs).log() - log_t) ** 2).mean().backward()
+        _log_loss(model, inputs, log_t).backward()
         opt.step()
     return model
 

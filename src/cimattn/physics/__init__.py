@@ -7,6 +7,7 @@ from cimattn.physics.gaincell import (
     cell_scores,
     cell_terms,
     cell_weighted_sum,
+    divide_by_sum_column,
     hard_sigmoid,
     leakage_decay,
     max_query_block,
@@ -16,11 +17,12 @@ from cimattn.physics.gaincell import (
     tile_readout,
     variability_gain,
     weighted_sum_from_terms,
+    with_sum_column,
 )
 from cimattn.physics.quantize import grid_anchor, quantize
 
 __all__ = [
-    "Decay", "Terms", "cell", "cell_scores", "cell_terms", "cell_weighted_sum", "grid_anchor", "hard_sigmoid", "leakage_decay",
-    "max_query_block", "quantize", "read_noise", "scores_from_terms", "stored_terms", "tile_readout", "variability_gain",
-    "weighted_sum_from_terms",
+    "Decay", "Terms", "cell", "cell_scores", "cell_terms", "cell_weighted_sum", "divide_by_sum_column", "grid_anchor", "hard_sigmoid",
+    "leakage_decay", "max_query_block", "quantize", "read_noise", "scores_from_terms", "stored_terms", "tile_readout", "variability_gain",
+    "weighted_sum_from_terms", "with_sum_column",
 ]

@@ -289,6 +289,21 @@ def hard_sigmoid(
     return a if keep is None else a.masked_fill_(~keep, 0.0)
 
 
+def with_sum_column(v: torch.Tensor, cfg: GainCell) -> torch.Tensor:
+    """(..., S, D) stored values + the all-ones column of `normalize`, stored at v.high (the top level): (..., S, D+1).
+
+    Read out through the same cells, scale, clamp and quantiser, its tiles sum to ≈ f(0.45)·ΣA.
+    """
+    return torch.cat([v, torch.full_like(v[..., :1], cfg.v.high)], dim=-1)
+
+
+def divide_by_sum_column(out: torch.Tensor) -> torch.Tensor:
+    """(..., D+1) digital sums of the tile read-outs → (..., D): the value columns ÷ the ΣA column, 0 where it reads 0."""
+    den = out[..., -1:]
+    ratio = out[..., :-1] / den.clamp_min(torch.finfo(out.dtype).tiny)
+    return torch.where(den > 0, ratio, torch.zeros_like(ratio))  # no key seen (ΣA read as 0): output 0
+
+
 def tile_readout(
     partial: torch.Tensor,
     cfg: GainCell,
