@@ -7,6 +7,7 @@ is written atomically, leaves no half-written file.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import sys
@@ -47,6 +48,12 @@ EvalTokens = Annotated[int, typer.Option(min=2, help="Tokens of held-out text to
 Context = Annotated[int, typer.Option(min=2, help="Window length for perplexity, in tokens.")]
 Out = Annotated[Path, typer.Option(help="Run directory (results.json, report.md, plots, adapted/).")]
 Device = Annotated[str, typer.Option(help="cpu, cuda, cuda:0, ...")]
+Budget = Annotated[float | None, typer.Option(min=0, help="Wall-clock seconds for adaptation (default: the preset's recipe).")]
+Replay = Annotated[
+    Path | None,
+    typer.Option(help="A finished run's directory: adapt with exactly the step counts it ran (its results.json adapt_steps), "
+                 "no wall clock, so a --budget run is repeated step for step on any machine."),
+]
 
 
 class _Console:
@@ -91,18 +98,19 @@ def run(
     text: Text = None,
     eval_tokens: EvalTokens = 4096,
     context: Context = 1024,
-    budget: Annotated[float | None, typer.Option(min=0, help="Wall-clock seconds for adaptation (default: the preset's recipe).")] = None,
+    budget: Budget = None,
+    replay: Replay = None,
     device: Device = "cpu",
     seed: Seed = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ):
     """The whole study: digital baseline → convert → adapt → evaluate → report."""
-    from cimattn.pipeline import RunSpec, run_pipeline
+    from cimattn.pipeline import run_pipeline
 
     ui = _setup(seed, quiet)
-    spec = RunSpec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget, seed=seed,
-                   device=device)
+    spec = _run_spec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget,
+                     seed=seed, device=device, replay=replay)
     results = run_pipeline(spec, progress=ui.progress, log=ui.log)
     _print_metrics(ui, results, out)
 
@@ -115,18 +123,19 @@ def adapt(
     context: Context = 1024,
     eval_tokens: EvalTokens = 4096,
     text: Text = None,
-    budget: Annotated[float | None, typer.Option(min=0, help="Wall-clock seconds for adaptation (default: the preset's recipe).")] = None,
+    budget: Budget = None,
+    replay: Replay = None,
     device: Device = "cpu",
     seed: Seed = 0,
     quiet: Quiet = False,
     debug: Debug = False,
 ):
     """Convert and adapt only (no digital baseline): writes OUT/adapted/ for `eval --adapted` and `generate --adapted`."""
-    from cimattn.pipeline import RunSpec, run_pipeline
+    from cimattn.pipeline import run_pipeline
 
     ui = _setup(seed, quiet)
-    spec = RunSpec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget, seed=seed,
-                   device=device)
+    spec = _run_spec(model=model, preset=preset, out=out, text=text, eval_tokens=eval_tokens, context=context, budget_s=budget,
+                     seed=seed, device=device, replay=replay)
     results = run_pipeline(spec, progress=ui.progress, log=ui.log, stages=("convert", "adapt", "report"))
     _print_metrics(ui, results, out)
 
@@ -421,6 +430,18 @@ def presets_show(
     from cimattn.config import load_preset, preset_yaml
 
     typer.echo(preset_yaml(load_preset(name)), nl=False)
+
+
+def _run_spec(replay: Path | None, **fields):
+    """The run's spec; with --replay, the step counts of that run's adaptation instead of a wall-clock budget."""
+    from cimattn.pipeline import RunSpec, replay_steps
+
+    spec = RunSpec(**fields)
+    if replay is None:
+        return spec
+    if spec.budget_s is not None:
+        raise CimattnError("--replay repeats a run's step counts and takes no --budget: drop one of them")
+    return dataclasses.replace(spec, adapt_steps=replay_steps(replay, spec))
 
 
 def _print_metrics(ui: _Console, results: dict, out: Path) -> None:

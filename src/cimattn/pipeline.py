@@ -43,6 +43,7 @@ class RunSpec:
     eval_tokens: int = 4096
     context: int = 1024
     budget_s: float | None = None  # wall-clock seconds for adaptation; None = the preset's recipe
+    adapt_steps: dict[str, int] | None = None  # replay: each adaptation stage's count, from a run's results.json (`replay_steps`)
     seed: int = 0
     device: str = "cpu"  # where the model runs: cpu, cuda, cuda:1, …
 
@@ -81,6 +82,28 @@ def no_progress(description: str, total: int | None = None):
     yield lambda n=1: None
 
 
+def replay_steps(run_dir: Path, spec: RunSpec) -> dict[str, int]:
+    """The step counts a finished run's adaptation ran (its results.json `adapt_steps`), to repeat it with no clock.
+
+    The run must have adapted the same model with the same preset, seed and context: counts of another
+    configuration would not reproduce anything.
+    """
+    path = Path(run_dir) / RESULTS
+    if not path.is_file():
+        raise CimattnError(f"--replay {run_dir}: no {RESULTS} there; give the directory of a finished `cimattn run` or `adapt`")
+    previous = read_json(path)
+    if "adapt_steps" not in previous:
+        raise CimattnError(f"--replay {run_dir}: its {RESULTS} records no adaptation steps (not a gain-cell adaptation, "
+                           "or made by a cimattn before they were recorded)")
+    ran = previous["config"]["run"]
+    mine = spec.key()
+    differ = [k for k in ("model", "preset", "seed", "context") if ran.get(k) != mine[k]]
+    if differ:
+        raise CimattnError(f"--replay {run_dir}: that run used " + ", ".join(f"{k} {ran.get(k)}" for k in differ)
+                           + "; pass the same values to repeat it")
+    return {k: int(n) for k, n in previous["adapt_steps"].items()}
+
+
 def new_results(spec: RunSpec, hardware: HardwareConfig, previous: dict | None) -> dict:
     """The results record: config, seed, versions and commit beside the metrics.
 
@@ -105,6 +128,7 @@ def new_results(spec: RunSpec, hardware: HardwareConfig, previous: dict | None) 
         "timings": dict(previous["timings"]) if reuse else {},
         "metrics": dict(previous["metrics"]) if reuse else {},
         "history": dict(previous.get("history", {})) if reuse else {},
+        **({"adapt_steps": previous["adapt_steps"]} if reuse and "adapt_steps" in previous else {}),
         **({"telemetry": previous["telemetry"]} if reuse and "telemetry" in previous else {}),
     }
 
@@ -173,9 +197,10 @@ def adapt(run: Run) -> str | None:
     history = adapt_model(
         run.model, run.teacher, run.calib_ids, run.hardware,
         budget_s=run.spec.budget_s, context=run.spec.context, checkpoint_dir=run.out / ADAPTED, seed=run.spec.seed,
-        progress=run.progress, evaluate=lambda label: _perplexity(run, label).ppl,
+        progress=run.progress, evaluate=lambda label: _perplexity(run, label).ppl, steps=run.spec.adapt_steps,
     )
     run.results["history"].update(history.pop("history", {}))
+    run.results["adapt_steps"] = history.pop("adapt_steps")
     run.metrics.update(history)
     return "reused" if finished else None
 

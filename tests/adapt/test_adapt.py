@@ -92,10 +92,11 @@ def test_one_update_is_the_papers_formula():
     before = measure(student, batch)
     module = dict(__import__("cimattn.models.convert", fromlist=["x"]).attention_modules(student))[0]
     a0, b0 = (p.detach().clone() for p in scaler_parameters(module, "q"))
-    targets = {k: (mu + 0.1, sd * 2) for k, (mu, sd) in before.items()}
-    initialize(student, batch, targets, iterations=1, tolerance=1e-9)
-    a1, b1 = scaler_parameters(module, "q")
     mu, sd = before[(0, "q")]
+    targets = before | {(0, "q"): (mu + 0.1, sd * 2)}  # only this scaler is off: its update lowers the error, so it is kept
+    history = initialize(student, batch, targets, iterations=1, tolerance=1e-9)
+    assert len(history) == 2 and history[1] < history[0], history
+    a1, b1 = scaler_parameters(module, "q")
     assert torch.allclose(a1, a0 * (sd * 2) / sd) and torch.allclose(b1, b0 + 0.1)
 
 
@@ -291,3 +292,42 @@ def test_budget_is_planned_from_the_steps_after_the_first(tmp_path, monkeypatch)
     losses = distill(student, teacher, ids(), hw.adapt, stage="finetune", parameters=trainable_parameters(student, "scalers"),
                      steps=None, budget_s=20.0, checkpoint_dir=tmp_path, seed=0, progress=no_progress)
     assert len(losses) == 3 + 8  # planned after 3 steps (12 s): 8 s left at 1 s per step
+
+
+def test_initialization_stopped_by_its_limit_keeps_its_best_scalers():
+    """`iterations` caps the updates: the state after the last one is measured too, and the best measured is kept."""
+    student, batch, targets = fitted()
+    far = {k: (mu + 0.3, sd * 3) for k, (mu, sd) in targets.items()}  # α = 1 from far away overshoots
+    history = initialize(student, batch, far, iterations=2, tolerance=1e-9)
+    assert len(history) == 3  # before each of the 2 updates, and after the last
+    stats = measure(student, batch)
+    now = max(torch.maximum((mu - far[k][0]).abs(), (sd - far[k][1]).abs()).max().item() for k, (mu, sd) in stats.items())
+    assert now == pytest.approx(min(history), rel=1e-5)
+
+
+def test_a_budgeted_adaptation_replays_step_for_step(tmp_path):
+    """Its recorded `adapt_steps`, run with no clock, give the same parameters bit for bit (the same machine)."""
+    hw = hardware(init_iterations=3)
+    kwargs = dict(context=32, seed=3, progress=no_progress, evaluate=lambda label: 0.0)
+    student, teacher = pair(hw)
+    timed = adapt_model(student, teacher, ids(), hw, budget_s=4.0, checkpoint_dir=tmp_path / "timed", **kwargs)
+    steps = timed["adapt_steps"]
+    assert steps.get("linear_finetune", 0) > 0 and steps.get("layerwise", 0) > 0 and steps.get("finetune", 0) > 0, steps
+    assert len(timed["history"]["finetune_loss"]) == steps["finetune"]
+    student_again, teacher = pair(hw)
+    replayed = adapt_model(student_again, teacher, ids(), hw, budget_s=None, steps=steps, checkpoint_dir=tmp_path / "replay", **kwargs)
+    assert replayed["adapt_steps"] == steps
+    first, second = hardware_state_dict(student), hardware_state_dict(student_again)
+    assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
+def test_replaying_takes_no_budget_and_known_stages_only(tmp_path):
+    from cimattn.errors import CimattnError
+
+    hw = hardware()
+    student, teacher = pair(hw)
+    kwargs = dict(context=32, checkpoint_dir=tmp_path, progress=no_progress, evaluate=lambda label: 0.0)
+    with pytest.raises(CimattnError, match="no wall-clock budget"):
+        adapt_model(student, teacher, ids(), hw, budget_s=10.0, steps={"finetune": 1}, **kwargs)
+    with pytest.raises(CimattnError, match="unknown adaptation stages"):
+        adapt_model(student, teacher, ids(), hw, budget_s=None, steps={"warmup": 1}, **kwargs)

@@ -189,6 +189,29 @@ def test_adapt_command_writes_adapted_parameters(cli, monkeypatch, capsys, tmp_p
     assert (out / "adapted" / "hardware.safetensors").is_file() and (out / "report.md").is_file()
 
 
+def test_replay_repeats_a_budgeted_run_step_for_step(cli, monkeypatch, capsys, tmp_path, tiny_text):
+    """`--replay DIR` adapts with the step counts DIR's --budget run recorded: same counts, same perplexity, no clock."""
+    preset = tmp_path / "tiny-gaincell.yaml"
+    preset.write_text("attention: gaincell\ngaincell: {window_tokens: 64, tokens_per_array: 16}\n"
+                      "adapt: {calib_tokens: 128, calib_context: 32, init_iterations: 3}\n")
+    common = ["--model", "tiny-llama", "--preset", preset, "--text", tiny_text, "--eval-tokens", 128, "--context", 32, "--quiet"]
+    code, _, err = cli("adapt", *common, "--out", tmp_path / "timed", "--budget", 3)
+    assert code == 0, err
+    timed = json.loads((tmp_path / "timed" / "results.json").read_text())
+    assert timed["adapt_steps"].get("finetune", 0) > 0, timed["adapt_steps"]
+    code, _, err = cli("adapt", *common, "--out", tmp_path / "again", "--replay", tmp_path / "timed")
+    assert code == 0, err
+    again = json.loads((tmp_path / "again" / "results.json").read_text())
+    assert again["adapt_steps"] == timed["adapt_steps"]
+    assert again["metrics"]["ppl_hardware_layerwise"] == timed["metrics"]["ppl_hardware_layerwise"]
+
+    for args, needle in ((["--replay", tmp_path / "timed", "--budget", 3], "--budget"),
+                         (["--replay", tmp_path / "timed", "--seed", 1], "seed 0"),
+                         (["--replay", tmp_path / "nowhere"], "no results.json")):
+        code, _, err = cli("adapt", *common, "--out", tmp_path / "bad", *args)
+        assert code == 2 and needle in err and "Traceback" not in err, err
+
+
 def test_resumed_results_name_the_commit_that_measured_them(monkeypatch):
     """A rerun reuses an identical run's metrics; `measured_by` keeps the commit whose code measured them."""
     from cimattn import pipeline

@@ -16,6 +16,13 @@ A preset whose cell is linear skips the linear fine-tuning and `init`;
 `Adapt.skip` names other stages not to run (the nonlinear model is still
 measured where `init` would have ended, and the budget shares of skipped
 stages go to the later ones).
+
+With a wall-clock budget, how many steps each stage gets depends on the
+machine.  Every run records the counts it ran (`adapt_steps` in the
+metrics: iterations of the linear calibration and of `init`, steps of the
+linear fine-tuning, layer-wise steps per layer, end-to-end steps), and
+`adapt_model(steps=...)` runs exactly those counts with no clock: the same
+parameters, bit for bit on the same machine, from the same seed.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from cimattn.adapt.initialize import (
     teacher_targets,
 )
 from cimattn.config import HardwareConfig, load_preset
+from cimattn.errors import CimattnError
 from cimattn.models.convert import (
     hardware_state_dict,
     load_hardware_state,
@@ -42,6 +50,7 @@ from cimattn.models.convert import (
 )
 
 # Shares of the wall-clock budget left when each stage starts:
+STEP_COUNTS = ("calibration", "linear_finetune", "init", "layerwise", "finetune")  # `adapt_steps`: what each stage ran
 LINEAR_BUDGET_SHARE = 0.15  # fine-tuning the linear model (the paper's step 1)
 LAYERWISE_BUDGET_SHARE = 0.5  # layer-wise distillation; end-to-end fine-tuning takes the rest (measured best of 0.5 / 0.8)
 CALIBRATION_BUDGET_SHARE = 0.15  # of the whole budget, at most, for each statistics-matching stage
@@ -66,11 +75,18 @@ def adapt_model(
     seed: int = 0,
     progress: Callable,
     evaluate: Callable[[str], float],
+    steps: dict[str, int] | None = None,
 ) -> dict:
-    """Adapt `model` (converted to `hardware`) in place; returns its metrics and a `history` of losses.
+    """Adapt `model` (converted to `hardware`) in place; returns its metrics, a `history` of losses and `adapt_steps`.
 
     `context`: window length of calibration and training when the recipe's `calib_context` is null.
+    `steps`: a run's `adapt_steps` to replay — each stage runs exactly that many iterations or steps
+    (a stage it does not name does not train), and `budget_s` must be None.
     """
+    if steps is not None and budget_s is not None:
+        raise CimattnError("replaying a run's step counts takes no wall-clock budget: drop --budget")
+    if steps is not None and set(steps) - set(STEP_COUNTS):
+        raise CimattnError(f"unknown adaptation stages {sorted(set(steps) - set(STEP_COUNTS))} in the step counts; known: {STEP_COUNTS}")
     recipe = hardware.adapt.model_copy(update={"calib_context": hardware.adapt.calib_context or context})
     started = time.perf_counter()
     batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context).to(next(model.parameters()).device)
@@ -98,6 +114,12 @@ def adapt_model(
     def deadline() -> float | None:
         return None if budget_s is None else time.perf_counter() + CALIBRATION_BUDGET_SHARE * budget_s
 
+    def iterate(stage: str, title: str, targets) -> list[float]:
+        iterations = recipe.init_iterations if steps is None else steps.get(stage, 0)
+        with progress(title, total=iterations + 1) as advance:
+            return initialize(model, batch, targets, iterations=iterations, tolerance=recipe.init_tolerance,
+                              deadline=deadline(), progress=advance)
+
     def finish(stage: str, cell: str, **entries) -> dict:
         checkpoint.save_parameters(checkpoint_dir, hardware_state_dict(model, recipe.train), hardware)
         state = checkpoint.update_state(checkpoint_dir, **{stage: True}, cell=cell, **entries)
@@ -105,19 +127,18 @@ def adapt_model(
         return state
 
     def finetune(stage: str, budget: float | None) -> list[float]:
-        steps = recipe.finetune_steps if budget_s is None else None
-        if steps == 0 or budget == 0.0:
+        count = (steps.get(f"{stage}_finetune" if stage == "linear" else stage, 0) if steps is not None
+                 else recipe.finetune_steps if budget_s is None else None)
+        if count == 0 or budget == 0.0:
             return []
         return distill.distill(model, teacher, calib_ids, recipe, stage=stage, parameters=trainable_parameters(model, recipe.train),
-                               steps=steps, budget_s=budget, checkpoint_dir=checkpoint_dir, seed=seed, progress=progress)
+                               steps=count, budget_s=budget, checkpoint_dir=checkpoint_dir, seed=seed, progress=progress)
 
     if not state.get("linear"):
         set_cell(model, "linear")
         targets = teacher_targets(model, teacher, batch)
         fit_scalers(model, batch, targets)
-        with progress("calibrate (linear cell)", total=recipe.init_iterations) as advance:
-            calib = initialize(model, batch, targets, iterations=recipe.init_iterations,
-                               tolerance=recipe.init_tolerance, deadline=deadline(), progress=advance)
+        calib = iterate("calibration", "calibrate (linear cell)", targets)
         tune = final_cell == "nonlinear" and "linear_finetune" not in recipe.skip
         losses = finetune("linear", remaining(LINEAR_BUDGET_SHARE)) if tune else []
         state = finish("linear", "linear", calibration_error=calib, linear_loss=losses, ppl_linear_adapted=measured("linear cell, adapted"))
@@ -127,21 +148,23 @@ def adapt_model(
     if final_cell == "nonlinear" and not state.get("init"):
         targets = measure_targets(model, list(batch.split(1)))
         set_cell(model, "nonlinear")
-        with progress("initialization algorithm (nonlinear cell)", total=recipe.init_iterations) as advance:
-            init = initialize(model, batch, targets, iterations=recipe.init_iterations, tolerance=recipe.init_tolerance,
-                              deadline=deadline(), progress=advance)
+        init = iterate("init", "initialization algorithm (nonlinear cell)", targets)
         state = finish("init", "nonlinear", init_error=init, ppl_hardware_initialized=measured("initialization algorithm"))
     if "layerwise" in recipe.skip and not state.get("layerwise"):
         state = finish("layerwise", final_cell)
     if not state.get("layerwise"):
         captured = layerwise.capture_teacher(teacher, batch)
-        steps = state.get("layerwise_steps")
-        if steps is None:  # planned once, so a resumed run trains as many steps
+        per_layer = state.get("layerwise_steps")
+        if per_layer is None:  # planned once, so a resumed run trains as many steps
             budget = remaining(LAYERWISE_BUDGET_SHARE)
-            per_step = layerwise.time_one_step(model, captured, recipe) if budget else 1.0
-            steps = recipe.layerwise_steps if budget is None else int(budget / len(captured.targets) / per_step)
-            state = checkpoint.update_state(checkpoint_dir, layerwise_steps=steps)
-        errors = layerwise.train_layers(model, captured, recipe, steps_per_layer=steps, progress=progress)
+            if steps is not None:
+                per_layer = steps.get("layerwise", 0)
+            elif budget is None:
+                per_layer = recipe.layerwise_steps
+            else:
+                per_layer = int(budget / len(captured.targets) / layerwise.time_one_step(model, captured, recipe)) if budget else 0
+            state = checkpoint.update_state(checkpoint_dir, layerwise_steps=per_layer)
+        errors = layerwise.train_layers(model, captured, recipe, steps_per_layer=per_layer, progress=progress)
         entries = {"layerwise_error": [last for _, last in errors], "ppl_hardware_layerwise": measured("layer-wise distillation")} if errors else {}
         state = finish("layerwise", final_cell, **entries)
     if not state.get("finetune"):
@@ -155,6 +178,11 @@ def _result(state: dict) -> dict:
     metrics = {k: v for k, v in state.items() if k.startswith("ppl_")}
     histories = ("calibration_error", "linear_loss", "init_error", "layerwise_error", "finetune_loss")
     metrics["history"] = {k: state[k] for k in histories if state.get(k)}
+    # updates of each statistics-matching stage (its history has one measurement more), steps of each training stage
+    ran = {"calibration": len(state.get("calibration_error", [])) - 1, "linear_finetune": len(state.get("linear_loss", [])),
+           "init": len(state.get("init_error", [])) - 1, "layerwise": state.get("layerwise_steps", 0) if state.get("layerwise_error") else 0,
+           "finetune": len(state.get("finetune_loss", []))}
+    metrics["adapt_steps"] = {k: n for k, n in ran.items() if n > 0}
     return metrics
 
 

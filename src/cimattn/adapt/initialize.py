@@ -9,7 +9,10 @@ reach targets μ*, σ*:
 
 with α = linspace(1.0, 0.1, 50)[iteration], then 0.1, one full forward of a
 fixed batch per iteration, until every error is below the tolerance or the
-iteration limit.
+iteration limit.  Stopped by the limit or a deadline (ours), the scalers
+keep the lowest error measured — after the last update too — not the last
+update's: so a budget cut after n updates equals a run of n iterations, and
+a timed run can be replayed step for step (`adapt_model(steps=...)`).
 
 Targets: the paper records them from the fine-tuned *linear* model
 (`measure_targets`).  Before any model exists to record from, ours come from
@@ -147,25 +150,27 @@ def initialize(
     deadline: float | None = None,
     progress=None,
 ) -> list[float]:
-    """Run the algorithm; returns the largest |μ − μ*| or |σ − σ*| before each update (the loss per iteration)."""
+    """Run the algorithm for at most `iterations` updates; returns the largest |μ − μ*| or |σ − σ*| measured before
+    each update and after the last one (the loss per iteration: at most iterations + 1 entries)."""
     history: list[float] = []
     modules = dict(attention_modules(model))
     best: tuple[float, list[torch.Tensor]] | None = None  # lowest error measured, and the scalers that had it
-    for iteration in range(iterations):
+    for iteration in range(iterations + 1):
         stats = measure(model, batch)
         errors = {key: ((mu - targets[key][0]).abs(), (sd - targets[key][1]).abs()) for key, (mu, sd) in stats.items()}
         history.append(max(torch.maximum(e_mu, e_sd).max().item() for e_mu, e_sd in errors.values()))
         if best is None or history[-1] < best[0]:
             best = (history[-1], [p.detach().clone() for p in _scalers(modules)])
-        out_of_time = deadline is not None and time.perf_counter() > deadline
-        if out_of_time and best[0] < history[-1]:
-            # Cut short by the budget while the early iterations (α near 1) overshoot:
-            # keep the scalers of the lowest error measured, not the last ones.
-            for p, saved in zip(_scalers(modules), best[1]):
-                p.copy_(saved)
         if progress:
             progress(1)
-        if history[-1] < tolerance or out_of_time:
+        if history[-1] < tolerance:
+            break
+        if iteration == iterations or (deadline is not None and time.perf_counter() > deadline):
+            # Cut short (by the limit or the budget), possibly while the early iterations (α near 1)
+            # overshoot: keep the scalers of the lowest error measured, not the last ones.
+            if best[0] < history[-1]:
+                for p, saved in zip(_scalers(modules), best[1]):
+                    p.copy_(saved)
             break
         step = alpha(iteration)
         for (layer, name), (mu, sd) in stats.items():
