@@ -18,8 +18,8 @@ measured where `init` would have ended, and the budget shares of skipped
 stages go to the later ones).
 
 With a wall-clock budget, how many steps each stage gets depends on the
-machine.  Every run records the counts it ran (`adapt_steps` in the
-metrics: iterations of the linear calibration and of `init`, steps of the
+machine.  Every run records the counts it ran (`adapt_steps`, beside its
+metrics in results.json: iterations of the linear calibration and of `init`, steps of the
 linear fine-tuning, layer-wise steps per layer, end-to-end steps), and
 `adapt_model(steps=...)` runs exactly those counts with no clock: the same
 parameters, bit for bit on the same machine, from the same seed.
@@ -49,8 +49,8 @@ from cimattn.models.convert import (
     trainable_parameters,
 )
 
+STEP_COUNTS = ("calibration", "linear_finetune", "init", "layerwise", "finetune")  # the stages `adapt_steps` counts
 # Shares of the wall-clock budget left when each stage starts:
-STEP_COUNTS = ("calibration", "linear_finetune", "init", "layerwise", "finetune")  # `adapt_steps`: what each stage ran
 LINEAR_BUDGET_SHARE = 0.15  # fine-tuning the linear model (the paper's step 1)
 LAYERWISE_BUDGET_SHARE = 0.5  # layer-wise distillation; end-to-end fine-tuning takes the rest (measured best of 0.5 / 0.8)
 CALIBRATION_BUDGET_SHARE = 0.15  # of the whole budget, at most, for each statistics-matching stage
