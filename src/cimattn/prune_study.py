@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 
 from cimattn.config import HardwareConfig, load_preset, with_changes
+from cimattn.config.schema import MARGIN_RULES
 from cimattn.errors import CimattnError
 from cimattn.storage import (
     atomic_write_json,
@@ -68,6 +69,10 @@ METHODS: dict[str, Method] = {
                                     {"calibrate_per": "model"}),
     "oracle-relative-model": Method("sprint", "relative", {"kind": "exact"}, "exact q·k, one margin below the row maximum for the whole model",
                                     {"calibrate_per": "model"}),
+    "sprint-probability-model": Method("sprint", "probability", {}, "ReRAM scorer, one margin below the row's log-sum-exp (a floor "
+                                       "on the key's softmax weight under the scorer) for the whole model", {"calibrate_per": "model"}),
+    "oracle-probability-model": Method("sprint", "probability", {"kind": "exact"}, "exact q·k, one floor on the softmax weight for "
+                                       "the whole model", {"calibrate_per": "model"}),
     "sprint-relative-learned": Method("sprint", "relative", {}, "ReRAM scorer, per-layer margins then per-head margins learned "
                                       "against the digital model (LeOPArd-style), one offset back to the keep rate",
                                       {"calibrate_per": "layer", "learn_steps": 20}),
@@ -156,7 +161,7 @@ def run_prune_study(
         if (name, rate) in done:
             continue
         convert(lm, hw)
-        if hw.prune_recompute.selection.rule in ("threshold", "relative"):
+        if hw.prune_recompute.selection.rule in ("threshold", *MARGIN_RULES):
             prepare_thresholds(lm, calib, teacher, measure=False)
         with collect_telemetry(lm) as telemetry:
             result = measure(f"{name} @ {rate:g}")

@@ -54,6 +54,7 @@ def test_registered_with_mask_function():
     Selection(rule="keep_rate", keep_rate=1.0),
     Selection(rule="threshold"),  # not calibrated: nothing pruned
     Selection(rule="relative"),
+    Selection(rule="probability"),
     Selection(rule="top_k", top_k=10_000),
 ])
 def test_keep_all_equals_digital_attention(selection):
@@ -114,7 +115,7 @@ def test_always_kept_tokens_only_at_tiny_keep_rate():
     assert tel.layers[0].kept.tolist() == [expected] * 4
 
 
-@pytest.mark.parametrize("rule", ["threshold", "relative"])
+@pytest.mark.parametrize("rule", ["threshold", "relative", "probability"])
 def test_calibration_reaches_the_target_keep_rate(rule):
     q, k, v = inputs(t=128, s=128)
     m = make(PruneRecompute(scorer=Scorer(kind="reram", comparator_offset_std=0.01, variation_std=0.02), selection=Selection(rule=rule, keep_rate=0.2)))
@@ -142,6 +143,31 @@ def test_layer_calibration_shares_one_threshold_and_lets_heads_differ(rule):
     assert tel.summary()["keep_rate"] == pytest.approx(0.2, abs=0.01)
     kept = tel.layers[0].kept.double()
     assert kept.max() > 1.5 * kept.min()  # per head, the keep rates differ (per-head calibration equalises them)
+
+
+def test_probability_rule_keeps_keys_whose_softmax_weight_reaches_its_floor():
+    """Hand-made row: logits [2, 0, 1, ln 0.6 + 2]; with threshold ln 4 a key is kept when its softmax weight over the
+    visible keys is at least 1/4 — a floor on probability, not a margin below the maximum."""
+    d = 4
+    k = torch.zeros(1, 1, 4, d, dtype=torch.float64)
+    k[0, 0, :, 0] = torch.tensor([2.0, 0.0, 1.0, math.log(0.6) + 2.0])
+    q = torch.zeros(1, 1, 4, d, dtype=torch.float64)
+    q[..., 0] = 1.0  # logit of key j = k_j0 (scaling 1)
+    v = torch.randn(1, 1, 4, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    sel = Selection(rule="probability", threshold=math.log(4.0), current=False, recent_tokens=0, sink_tokens=0)
+    m = make(PruneRecompute(scorer=Scorer(kind="exact"), selection=sel), heads=1, kv_heads=1)
+    m.cim.telemetry = tel = PruneTelemetry()
+    out = attend(m, q, k, v, scaling=1.0)
+    logits = k[0, 0, :, 0]
+    p = torch.softmax(logits, -1)  # the last query sees all four keys: weights .48 .06 .17 .29 (e², 1, e, 0.6·e² over 15.5)
+    kept = p >= 0.25
+    assert kept.tolist() == [True, False, False, True]
+    ref = torch.softmax(logits.masked_fill(~kept, -math.inf), -1) @ v[0, 0]
+    assert torch.allclose(out[0, 3, 0], ref, atol=1e-12)
+    # the relative rule with the same margin keeps key 2 as well: 2 − 1 < ln 4 (its weight .17 is below the floor)
+    m2 = make(PruneRecompute(scorer=Scorer(kind="exact"), selection=sel.model_copy(update={"rule": "relative"})), heads=1, kv_heads=1)
+    ref2 = torch.softmax(logits.masked_fill(~torch.tensor([True, False, True, True]), -math.inf), -1) @ v[0, 0]
+    assert torch.allclose(attend(m2, q, k, v, scaling=1.0)[0, 3, 0], ref2, atol=1e-12)
 
 
 def test_fixed_threshold_is_a_comparator_on_logits():
@@ -282,7 +308,7 @@ def test_unconverted_module_is_refused():
         prune_recompute_attention(nn.Module(), q, k, v, None)
 
 
-@pytest.mark.parametrize("rule", ["relative"])
+@pytest.mark.parametrize("rule", ["relative", "probability"])
 def test_learned_thresholds_lower_the_distillation_loss(rule):
     """From thresholds set too strict, soft-mask training moves only the thresholds, lowers KL + rate penalty and
     brings the keep rate back toward its target."""
@@ -296,7 +322,7 @@ def test_learned_thresholds_lower_the_distillation_loss(rule):
     calibrate_thresholds(model, batch, measure=False)
     layers = [m.cim for _, m in model.named_modules() if hasattr(m, "cim")]
     for cim in layers:  # too strict: fewer keys than the target
-        cim.threshold += 0.1 if rule == "threshold" else -0.1
+        cim.threshold += {"threshold": 0.1, "relative": -0.1, "probability": -0.3}[rule]
     start = calibrate_thresholds_rate(model, batch)["calib_keep_rate"]
     before = torch.stack([cim.threshold.clone() for cim in layers])
     losses = learn_thresholds(model, teacher, batch)
@@ -308,7 +334,7 @@ def test_learned_thresholds_lower_the_distillation_loss(rule):
     assert start < 0.25 and abs(end - 0.3) < abs(start - 0.3)
 
 
-@pytest.mark.parametrize("rule", ["threshold", "relative"])
+@pytest.mark.parametrize("rule", ["threshold", "relative", "probability"])
 def test_model_calibration_shares_one_threshold_across_layers(rule):
     """calibrate_per: model — every layer and head gets one threshold, bisected so the whole model keeps the target."""
     from cimattn.adapt.thresholds import calibrate_thresholds

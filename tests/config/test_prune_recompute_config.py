@@ -42,6 +42,7 @@ def test_scorer_fields_carry_unit_and_source():
         ("{scorer: {kind: charge, conductance_levels: 16}}", "prune_recompute.scorer"),
         ("{selection: {rule: top_k}}", "prune_recompute.selection"),
         ("{selection: {rule: relative, threshold: -1}}", "prune_recompute.selection"),
+        ("{selection: {rule: probability, threshold: -0.5}}", "prune_recompute.selection"),
         ("{scorer: {kind: h2o}, selection: {rule: threshold}}", "prune_recompute"),
         ("{scorer: {kind: memristor}}", "prune_recompute.scorer.kind"),
         ("{scorer: {read_noise_std: -0.1}}", "prune_recompute.scorer.read_noise_std"),

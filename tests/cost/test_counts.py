@@ -200,3 +200,20 @@ def test_relative_rule_pays_a_second_scoring_read(preset):
     assert float(tracked.energy_j[MAX_TRACKING]) == pytest.approx(float(tracked.energy_j[scoring]))
     assert float(tracked.energy) > float(base.energy) and float(tracked.latency) >= float(base.latency)
     assert any("read twice" in n for n in tracked.notes)
+
+
+@pytest.mark.parametrize("preset", ["sprint", "hyatt"])
+def test_probability_rule_pays_the_second_read_and_a_log_sum_exp_per_key(preset):
+    """The probability rule reads the scores twice like the relative rule and accumulates a log-sum-exp over every
+    scored key: its extra energy grows in proportion to the context."""
+    from cimattn.config import with_changes
+    from cimattn.cost.hardware import LOG_SUM_EXP, MAX_TRACKING
+
+    hw = load_preset(preset)
+    relative, probability = (with_changes(hw, {"prune_recompute": {"selection": {"rule": r}}}) for r in ("relative", "probability"))
+    table, shape = load_table(preset), SHAPES["gpt2"]
+    short, long = (decode(table, shape, n, hardware=probability) for n in (1024, 2048))
+    tracked = decode(table, shape, 2048, hardware=relative)
+    assert MAX_TRACKING in long.energy_j and LOG_SUM_EXP not in tracked.energy_j
+    assert float(long.energy_j[LOG_SUM_EXP]) == pytest.approx(2 * float(short.energy_j[LOG_SUM_EXP]))
+    assert float(long.energy) > float(tracked.energy) and float(long.latency) == pytest.approx(float(tracked.latency))

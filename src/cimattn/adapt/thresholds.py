@@ -32,6 +32,7 @@ import torch
 from cimattn.adapt import checkpoint
 from cimattn.attention.prune_recompute import collect_telemetry, prune_layers
 from cimattn.config import HardwareConfig
+from cimattn.config.schema import MARGIN_RULES
 from cimattn.errors import CimattnError
 
 CALIBRATED = ("threshold", "q_full_scale", "k_full_scale")  # the buffers a calibration sets
@@ -91,7 +92,7 @@ def shift_to_rate(model: torch.nn.Module, layers: list, batch: torch.Tensor, bas
     Each bisection step is one forward; the keep rate is monotone in δ.  Returns δ.
     """
     sel = layers[0].config.selection
-    keeps_more_when_higher = sel.rule == "relative"  # a wider margin keeps more; a higher threshold fewer
+    keeps_more_when_higher = sel.rule in MARGIN_RULES  # a wider margin keeps more; a higher threshold fewer
 
     def place(delta: float) -> None:
         for cim, b in zip(layers, base):
@@ -129,8 +130,8 @@ def learn_thresholds(model: torch.nn.Module, teacher: torch.nn.Module, batch: to
     """
     layers = prune_layers(model)
     sel = layers[0].config.selection
-    if sel.rule not in ("threshold", "relative"):
-        raise CimattnError(f"learned thresholds need a threshold or relative rule, not '{sel.rule}'")
+    if sel.rule not in ("threshold", *MARGIN_RULES):
+        raise CimattnError(f"learned thresholds need a threshold, relative or probability rule, not '{sel.rule}'")
     if any(cim.threshold.isnan().any() for cim in layers):
         calibrate_thresholds(model, batch, measure=False)
     device = next(model.parameters()).device

@@ -210,17 +210,28 @@ def select_keys(
     bias = torch.where(visible, torch.where(always, float("inf"), 0.0), float("-inf")).to(scores.dtype)
     if sel.rule in ("keep_rate", "top_k"):
         return _top_budget(scores + bias, always, _budget(sel, visible))
-    reference = (scores + bias.clamp_max(0)).amax(-1, keepdim=True) if sel.rule == "relative" else None
+    reference = _reference(scores + bias.clamp_max(0), sel.rule)  # (B, H, T, 1) or None
     seen = scores if offset is None else scores + offset  # what the comparator compares
     if cim.calibrate_to is not None and sel.threshold is None:  # a preset's fixed threshold stays
         _calibrate_threshold(cim, seen, reference, visible, always, cim.calibrate_to)
     threshold = cim.threshold.to(scores)[None, :, None, None]  # (1, H, 1, 1)
     if cim.soft_temperature is not None:  # a differentiable comparator (always-kept: 1, hidden: 0)
-        reference = reference - threshold if sel.rule == "relative" else threshold
+        reference = reference - threshold if reference is not None else threshold
         return soft_comparator(seen + bias, reference, cim.soft_temperature)
-    if sel.rule == "relative":  # not calibrated (NaN): an infinite margin, nothing pruned
+    if reference is not None:  # not calibrated (NaN): an infinite margin, nothing pruned
         return (seen + bias >= reference - threshold.nan_to_num(math.inf)) & visible
     return comparator(scores + bias, threshold.nan_to_num(-math.inf), offset)  # not calibrated: nothing pruned
+
+
+def _reference(scores: torch.Tensor, rule: str) -> torch.Tensor | None:
+    """The score a margin rule's threshold is measured from, per query: the row maximum (relative) or the row's
+    log-sum-exp (probability: score − it is the key's log softmax weight under the scorer); None for other rules.
+    `scores` has hidden keys at −inf."""
+    if rule == "relative":
+        return scores.amax(-1, keepdim=True)
+    if rule == "probability":
+        return torch.logsumexp(scores, dim=-1, keepdim=True)
+    return None
 
 
 def _budget(sel, visible: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cimattn.config.schema import MARGIN_RULES
 from cimattn.cost.mapper import Mapping, map_gaincell
 from cimattn.cost.tables import DTYPE, Table
 from cimattn.cost.workload import ModelShape, Telemetry
@@ -158,8 +159,10 @@ class SprintDesign:
     compute_units: int = 1
 
 
-# the relative rule's cost (ours, assumed): a second read of the scoring array, to compare against the row maximum
+# the margin rules' cost (ours, assumed): a second read of the scoring array, to compare against the row's reference
+# (its maximum, or its log-sum-exp accumulated during the first read: a lookup and an add per key, costed as one digital MAC)
 MAX_TRACKING = "max tracking (second scoring read)"
+LOG_SUM_EXP = "log-sum-exp of the scores (digital, per key)"
 
 # SPRINT energy terms paid once per KV head (K/V fetched into the shared buffer), not per query head
 SPRINT_PER_KV_HEAD = ("K/V fetch (ReRAM read)", "buffer writes (fetched K/V)")
@@ -244,10 +247,10 @@ def _prune_decode(table: Table, p: dict, shape: ModelShape, context, telemetry: 
     keep, keep_note = _pick("keep rate", telemetry.keep_rate, pr.selection.keep_rate if pr else None, p["defaults.keep_rate"])
     queries = shape.layers * shape.heads
     notes = [keep_note]
-    relative = pr is not None and pr.selection.rule == "relative"
+    relative = pr is not None and pr.selection.rule in MARGIN_RULES
     if relative:
-        notes.append("relative rule: the scores are read twice, once to track the row maximum and once to compare "
-                     "against it (assumed: no published max-tracking circuit)")
+        notes.append(f"{pr.selection.rule} rule: the scores are read twice, once to track the row's reference (maximum or "
+                     "log-sum-exp) and once to compare against it (assumed: no published circuit)")
     if table.family == "sprint":
         design = SprintDesign()
         if pr is not None:
@@ -276,12 +279,16 @@ def _prune_decode(table: Table, p: dict, shape: ModelShape, context, telemetry: 
         if relative:
             e[MAX_TRACKING] = e["in-ReRAM scoring"]
             latency[MAX_TRACKING] = latency["in-ReRAM scoring"]
+        if pr is not None and pr.selection.rule == "probability":  # one digital MAC's energy per key
+            e[LOG_SUM_EXP] = queries * _t(context) * p["compute_unit.mac_energy_j"]
     else:
         c, e, t = hyatt_query(p, context, shape.head_dim, keep)
         c, e = ({k: v * queries for k, v in d.items()} for d in (c, e))
         if relative:
             e[MAX_TRACKING] = e["analog CIM scoring"]
             t = t | {"analog": 2 * t["analog"]}
+        if pr is not None and pr.selection.rule == "probability":  # 2 ops per key (lookup, add) on the digital core
+            e[LOG_SUM_EXP] = queries * 2 * _t(context) * p["digital.energy_per_op_j"]
         latency = {"max(analog scoring, digital recompute)": queries * torch.maximum(t["analog"], t["digital"])}
         pipelined = "analog scoring of the next query overlaps the digital recompute of this one; heads and layers one after another"
         area = {"chip (die)": p["chip.area_m2"]}
