@@ -69,6 +69,8 @@ METHODS: dict[str, Method] = {
                                     {"calibrate_per": "model"}),
     "oracle-relative-model": Method("sprint", "relative", {"kind": "exact"}, "exact q·k, one margin below the row maximum for the whole model",
                                     {"calibrate_per": "model"}),
+    "sprint-probability-layer": Method("sprint", "probability", {}, "ReRAM scorer, one floor on the softmax weight under the scorer "
+                                       "per layer", {"calibrate_per": "layer"}),
     "sprint-probability-model": Method("sprint", "probability", {}, "ReRAM scorer, one margin below the row's log-sum-exp (a floor "
                                        "on the key's softmax weight under the scorer) for the whole model", {"calibrate_per": "model"}),
     "oracle-probability-model": Method("sprint", "probability", {"kind": "exact"}, "exact q·k, one floor on the softmax weight for "
