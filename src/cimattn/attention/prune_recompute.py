@@ -62,7 +62,7 @@ class PruneRecomputeParams(nn.Module):
     """One attention layer's prune-and-recompute state: per-head thresholds and converter ranges (buffers).
 
     threshold (H,): comparator reference (rule threshold) or margin below the
-    row maximum (rule relative), logits; q_full_scale (H,), k_full_scale (Hkv,):
+    row maximum (rule relative) or log-sum-exp (rule probability), logits; q_full_scale (H,), k_full_scale (Hkv,):
     the query DAC's and the stored keys' full scale.  NaN = not calibrated.
     `calibrate_to`, when set to a keep rate, makes the next forward fit all
     three to its own inputs before selecting (see cimattn.adapt.thresholds).
@@ -344,7 +344,7 @@ def _calibrate_threshold(cim, seen, reference, visible, always, target: float) -
     n_visible = visible.expand_as(seen).sum(dim=(0, 2, 3)).double()  # (H,)
     n_always = (always & visible).expand_as(seen).sum(dim=(0, 2, 3)).double()
     if reference is not None:
-        seen = reference.expand_as(seen) - seen  # margins below the row maximum
+        seen = reference.expand_as(seen) - seen  # margins below the row's reference (maximum or log-sum-exp)
     groups = [slice(h, h + 1) for h in range(seen.shape[1])]
     if cim.config.selection.calibrate_per == "layer":  # one order statistic over all heads' candidates
         groups = [slice(None)]

@@ -247,8 +247,8 @@ def _prune_decode(table: Table, p: dict, shape: ModelShape, context, telemetry: 
     keep, keep_note = _pick("keep rate", telemetry.keep_rate, pr.selection.keep_rate if pr else None, p["defaults.keep_rate"])
     queries = shape.layers * shape.heads
     notes = [keep_note]
-    relative = pr is not None and pr.selection.rule in MARGIN_RULES
-    if relative:
+    margin = pr is not None and pr.selection.rule in MARGIN_RULES
+    if margin:
         notes.append(f"{pr.selection.rule} rule: the scores are read twice, once to track the row's reference (maximum or "
                      "log-sum-exp) and once to compare against it (assumed: no published circuit)")
     if table.family == "sprint":
@@ -276,7 +276,7 @@ def _prune_decode(table: Table, p: dict, shape: ModelShape, context, telemetry: 
         pipelined = ("fetches of kept keys are prefetched and overlap compute (SPRINT's prefetch); queries of all heads "
                      "and layers run one after another on the compute units")
         area = {f"chip ({design.buffer_bytes // 1024} KB buffer)": p["chip.area_m2"] + (design.compute_units - 1) * p["chip.area_per_extra_unit_m2"]}
-        if relative:
+        if margin:
             e[MAX_TRACKING] = e["in-ReRAM scoring"]
             latency[MAX_TRACKING] = latency["in-ReRAM scoring"]
         if pr is not None and pr.selection.rule == "probability":  # one digital MAC's energy per key
@@ -284,7 +284,7 @@ def _prune_decode(table: Table, p: dict, shape: ModelShape, context, telemetry: 
     else:
         c, e, t = hyatt_query(p, context, shape.head_dim, keep)
         c, e = ({k: v * queries for k, v in d.items()} for d in (c, e))
-        if relative:
+        if margin:
             e[MAX_TRACKING] = e["analog CIM scoring"]
             t = t | {"analog": 2 * t["analog"]}
         if pr is not None and pr.selection.rule == "probability":  # 2 ops per key (lookup, add) on the digital core
