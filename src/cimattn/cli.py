@@ -260,7 +260,7 @@ def prune_study(
     keep_rates: Annotated[str, typer.Option(help="Target keep rates, comma-separated, each in (0, 1].")] = "0.25,0.1",
     methods: Annotated[str, typer.Option(help="Methods, comma-separated, or 'all': oracle-topk, sprint, hyatt, quest, h2o, random, "
                                               "sprint-relative[-layer|-model|-learned], sprint-layer, sprint-topk, "
-                                              "oracle-relative[-model|-learned], sprint-probability[-layer|-model], oracle-probability-model, sprint-noisy (the -learned ones train "
+                                              "oracle-relative[-model|-learned], sprint-probability[-layer|-model|-learned], oracle-probability-model, sprint-noisy (the -learned ones train "
                                               "thresholds: ~20 min each on 2 CPU cores).")] = "oracle-topk,sprint,hyatt,quest,h2o,random",
     context: Annotated[int, typer.Option(min=2, help="Perplexity window and calibration length, in tokens.")] = 2048,
     eval_tokens: EvalTokens = 2048,

@@ -75,6 +75,9 @@ METHODS: dict[str, Method] = {
                                        "on the key's softmax weight under the scorer) for the whole model", {"calibrate_per": "model"}),
     "oracle-probability-model": Method("sprint", "probability", {"kind": "exact"}, "exact q·k, one floor on the softmax weight for "
                                        "the whole model", {"calibrate_per": "model"}),
+    "sprint-probability-learned": Method("sprint", "probability", {}, "ReRAM scorer, one floor for the model, then per-head floors "
+                                         "learned against the digital model, one offset back to the keep rate",
+                                         {"calibrate_per": "model", "learn_steps": 20}),
     "sprint-relative-learned": Method("sprint", "relative", {}, "ReRAM scorer, per-layer margins then per-head margins learned "
                                       "against the digital model (LeOPArd-style), one offset back to the keep rate",
                                       {"calibrate_per": "layer", "learn_steps": 20}),
