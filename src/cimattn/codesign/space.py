@@ -16,6 +16,11 @@ Every point of the space is also a point of the unit cube (`to_unit` / `from_uni
 and the random / grid baselines work there; integers and categoricals round on the way back.
 Paths under `adaptation.` are the adaptation's own knobs (ADAPTATION_PARAMETERS), optimised jointly
 with the hardware.
+
+`start` says what model each point's hardware runs: `fit` (default) converts the digital model and
+fits the scalers to the teacher training-free, per point; `adapted` adapts the model to the preset
+once, for `adapt_steps` (the stage counts `results.json` records), and gives each point's hardware
+those adapted parameters, so the perplexity measures what the point's hardware costs an adapted model.
 """
 
 from __future__ import annotations
@@ -144,6 +149,10 @@ class Space(Strict):
     context: int = Field(256, ge=8, description="perplexity window and cost-model context [tokens]")
     calib_tokens: int = Field(512, ge=16, description="tokens of calibration text the scalers are fitted on [tokens]")
     eval_tokens: int = Field(512, ge=16, description="tokens of held-out calibration text scored per evaluation [tokens]")
+    start: Literal["fit", "adapted"] = Field("fit", description="fit: scalers fitted training-free per point; adapted: the model "
+                                             "adapted to the preset once, its parameters given to every point")
+    adapt_steps: dict[str, int] | None = Field(None, description="start: adapted: the adaptation's count per stage "
+                                                "(calibration, linear_finetune, init, layerwise, finetune)")
     parameters: list[Parameter] = Field(min_length=1)
     objectives: list[Objective] = Field(min_length=1)
     constraints: list[Constraint] = Field(default_factory=list)
@@ -170,6 +179,21 @@ class Space(Strict):
             if c.reference is not None and c.reference not in REFERENCE_METRICS:
                 raise ValueError(f"constraint '{c}': unknown reference '{c.reference}': use one of {', '.join(REFERENCE_METRICS)}")
         _check_feasible(self.constraints)
+        if self.start == "adapted":
+            from cimattn.adapt import STEP_COUNTS
+
+            if self.evaluator != "real":
+                raise ValueError("start: adapted needs the real evaluator")
+            if not self.adapt_steps:
+                raise ValueError(f"start: adapted needs adapt_steps, the count of each adaptation stage to run ({', '.join(STEP_COUNTS)})")
+            unknown = sorted(set(self.adapt_steps) - set(STEP_COUNTS))
+            if unknown or any(n < 0 for n in self.adapt_steps.values()):
+                raise ValueError(f"adapt_steps: stages are {', '.join(STEP_COUNTS)} with counts ≥ 0, got {self.adapt_steps}")
+            knobs = [p.name for p in self.parameters if p.path.startswith("adaptation.")]
+            if knobs:
+                raise ValueError(f"parameters {knobs} tune the training-free fit, which start: adapted does not run: drop them")
+        elif self.adapt_steps is not None:
+            raise ValueError("adapt_steps applies to start: adapted only")
         return self
 
     @property

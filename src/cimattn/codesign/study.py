@@ -18,7 +18,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from cimattn.codesign.evaluators import exact_metrics, make_evaluator
+from cimattn.codesign.evaluators import adapt_start, exact_metrics, make_evaluator
 from cimattn.codesign.methods import METHODS, make_method
 from cimattn.codesign.space import Space
 from cimattn.codesign.store import Store
@@ -35,8 +35,8 @@ class StopStudy(Exception):
 class LocalPool:
     size = 1
 
-    def __init__(self, space: Space, seed: int):
-        self.evaluator = make_evaluator(space, seed)
+    def __init__(self, space: Space, seed: int, adapted: dict | None):
+        self.evaluator = make_evaluator(space, seed, adapted)
 
     def constants(self) -> dict:
         return self.evaluator.constants()
@@ -50,7 +50,7 @@ class LocalPool:
 
 
 class RayPool:
-    def __init__(self, space: Space, seed: int, workers: int, address: str | None):
+    def __init__(self, space: Space, seed: int, adapted: dict | None, workers: int, address: str | None):
         try:
             import ray
         except ImportError:
@@ -65,7 +65,8 @@ class RayPool:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
                          runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
         worker = ray.remote(num_cpus=1)(_Worker)
-        self.workers = [worker.remote(space.model_dump(mode="json"), seed) for _ in range(workers)]
+        # the adapted parameters travel by value: a worker on another machine cannot read this one's files
+        self.workers = [worker.remote(space.model_dump(mode="json"), seed, adapted) for _ in range(workers)]
         self.size = workers
 
     def constants(self) -> dict:
@@ -85,10 +86,10 @@ class RayPool:
 
 
 class _Worker:
-    def __init__(self, space: dict, seed: int):
+    def __init__(self, space: dict, seed: int, adapted: dict | None):
         from cimattn.codesign.space import Space
 
-        self.evaluator = make_evaluator(Space.model_validate(space), seed)
+        self.evaluator = make_evaluator(Space.model_validate(space), seed, adapted)
 
     def constants(self) -> dict:
         return self.evaluator.constants()
@@ -100,6 +101,7 @@ class _Worker:
 def identity(space: Space, seed: int) -> dict:
     """What an evaluation depends on: the cache key's prefix (objectives and constraints are not part of it)."""
     keep = ("evaluator", "model", "preset", "text", "context", "calib_tokens", "eval_tokens")
+    keep += ("start", "adapt_steps") if space.start == "adapted" else ()  # so studies made before `start` existed stay valid
     preset = space.base().model_dump(mode="json") if space.evaluator == "real" else None
     return {"seed": seed, "preset_config": preset, "paths": {p.name: p.path for p in space.parameters},
             **{k: getattr(space, k) for k in keep}}
@@ -125,7 +127,8 @@ def run_study(space: Space, out: Path, budget: int, methods: list[str], *, seed:
         store.close()
         raise CimattnError(f"{out} holds a study of another space: give a new --out or the same space file")
     store.set_meta("space", space.model_dump(mode="json"))
-    pool = RayPool(space, seed, workers, ray_address) if (workers > 1 or ray_address) else LocalPool(space, seed)
+    adapted = adapt_start(space, seed, out, log)
+    pool = RayPool(space, seed, adapted, workers, ray_address) if (workers > 1 or ray_address) else LocalPool(space, seed, adapted)
     counter = {"evaluated": 0}
     try:
         constants = store.get_meta("constants")
