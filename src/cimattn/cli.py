@@ -287,7 +287,7 @@ def prune_study(
 
 @app.command()
 def explore(
-    space: Annotated[str, typer.Option(help="Design-space YAML, or a shipped space name (gaincell).")],
+    space: Annotated[str, typer.Option(help="Design-space YAML, or a shipped space name (gaincell, gaincell-adapted).")],
     budget: Annotated[int, typer.Option(min=1, help="Real evaluations per method.")],
     out: Annotated[Path, typer.Option(help="Study directory (study.db, summary.json, front.md, plots); a rerun resumes.")],
     method: Annotated[str, typer.Option(help="proxy | tpe | nsga2 | random | grid | all, or a comma-separated list.")] = "all",
@@ -307,7 +307,8 @@ def explore(
     ui = _setup(seed, quiet)
     names = list(METHODS) if method == "all" else [m.strip() for m in method.split(",") if m.strip()]
     design = load_space(space)
-    run_study(design, out, budget, names, seed=seed, workers=workers, ray_address=ray_address, batch=batch, log=ui.log)
+    run_study(design, out, budget, names, seed=seed, workers=workers, ray_address=ray_address, batch=batch, log=ui.log,
+              progress=ui.progress)
     summary = summarise(design, out, names)
     for name, row in summary["methods"].items():
         ui.log(f"  {name:8s} hypervolume {row['final_hypervolume']:.4f} after {row['evaluations']} evaluations")

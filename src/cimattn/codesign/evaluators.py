@@ -122,7 +122,8 @@ def make_evaluator(space: Space, seed: int = 0, adapted: dict[str, torch.Tensor]
     return RealEvaluator(space, seed, adapted) if space.evaluator == "real" else AnalyticEvaluator(space, seed)
 
 
-def adapt_start(space: Space, seed: int, out: Path, log: Callable[[str], None] = lambda s: None) -> dict[str, torch.Tensor] | None:
+def adapt_start(space: Space, seed: int, out: Path, log: Callable[[str], None] = lambda s: None,
+                progress: Callable | None = None) -> dict[str, torch.Tensor] | None:
     """For `start: adapted`, adapt the model to the space's preset once, into OUT/start/ (resumable); the adapted parameters.
 
     The adaptation is `cimattn run`'s, replaying `adapt_steps`: no clock, so the study's starting model
@@ -131,11 +132,11 @@ def adapt_start(space: Space, seed: int, out: Path, log: Callable[[str], None] =
     if space.start != "adapted":
         return None
     from cimattn.adapt.checkpoint import load_parameters
-    from cimattn.pipeline import ADAPTED, RunSpec, run_pipeline
+    from cimattn.pipeline import ADAPTED, RunSpec, no_progress, run_pipeline
 
     spec = RunSpec(model=space.model, preset=space.preset, out=Path(out) / "start", text=space.text, eval_tokens=space.eval_tokens,
                    context=space.context, adapt_steps=dict(space.adapt_steps), seed=seed)
-    metrics = run_pipeline(spec, stages=("baseline", "convert", "adapt", "evaluate"), log=log)["metrics"]
+    metrics = run_pipeline(spec, stages=("baseline", "convert", "adapt", "evaluate"), log=log, progress=progress or no_progress)["metrics"]
     log(f"start: adapted to {space.preset} for {dict(space.adapt_steps)} steps: perplexity {metrics['ppl_hardware_initial']:.1f} "
         f"converted, {metrics['ppl_hardware_adapted']:.1f} adapted")
     return load_parameters(spec.out / ADAPTED)

@@ -109,11 +109,12 @@ def identity(space: Space, seed: int) -> dict:
 
 def run_study(space: Space, out: Path, budget: int, methods: list[str], *, seed: int = 0, workers: int = 1,
               ray_address: str | None = None, batch: int | None = None, max_evaluations: int | None = None,
-              log: Callable[[str], None] = lambda s: None) -> dict:
+              log: Callable[[str], None] = lambda s: None, progress: Callable | None = None) -> dict:
     """Run (or resume) every method to `budget` evaluations; returns {method: [(params, metrics), …]}.
 
     batch: points asked per round (default: one per worker); `max_evaluations`: stop (StopStudy) after
-    that many evaluations in this process, leaving the study as a kill would.
+    that many evaluations in this process, leaving the study as a kill would; `progress`: bars for a `start: adapted`
+    space's one adaptation.
     """
     for m in methods:
         if m not in METHODS:
@@ -127,7 +128,7 @@ def run_study(space: Space, out: Path, budget: int, methods: list[str], *, seed:
         store.close()
         raise CimattnError(f"{out} holds a study of another space: give a new --out or the same space file")
     store.set_meta("space", space.model_dump(mode="json"))
-    adapted = adapt_start(space, seed, out, log)
+    adapted = adapt_start(space, seed, out, log, progress)
     pool = RayPool(space, seed, adapted, workers, ray_address) if (workers > 1 or ray_address) else LocalPool(space, seed, adapted)
     counter = {"evaluated": 0}
     try:
