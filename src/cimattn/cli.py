@@ -229,7 +229,9 @@ def study(
     preset: Preset = "gaincell-normalized",
     out: Annotated[Path | None, typer.Option(help="Study directory (study.json, study.png, study.md); default runs/study-NAME.")] = None,
     adapted: Annotated[Path | None, typer.Option(help="Start from a run's adapted/ directory (and its preset) instead of adapting.")] = None,
-    budget: Annotated[float, typer.Option(min=0, help="Wall-clock seconds of each adaptation.")] = 120.0,
+    budget: Annotated[float | None, typer.Option(min=0, help="Wall-clock seconds of each adaptation (default 120).")] = None,
+    replay: Annotated[Path | None, typer.Option(help="A finished study's directory: adapt with exactly the steps it ran "
+                                                     "(study.json steps), no wall clock.")] = None,
     text: Text = None,
     eval_tokens: Annotated[int, typer.Option(min=2, help="Tokens scored per point (retention, noise).")] = 1024,
     context: Annotated[int | None, typer.Option(min=2, help="Perplexity window in tokens (default: retention 512, noise and context 256).")] = None,
@@ -245,7 +247,10 @@ def study(
 
     ui = _setup(seed, quiet)
     out = out or Path(f"runs/study-{name}")
-    spec = StudySpec(name=name, model=model, preset=preset, out=out, adapted=adapted, budget_s=budget, text=text,
+    if replay is not None and budget is not None:
+        raise CimattnError("--replay repeats a study's step counts and takes no --budget: drop one of them")
+    spec = StudySpec(name=name, model=model, preset=preset, out=out, adapted=adapted, budget_s=120.0 if budget is None else budget,
+                     replay=replay, text=text,
                      eval_tokens=eval_tokens, context=context, sequences=sequences, multiple=multiple, bin_tokens=bin_tokens, seed=seed)
     record = run_study(spec, progress=ui.progress, log=ui.log)
     for key, value in record["metrics"].items():

@@ -17,7 +17,10 @@ noise      read noise and device-to-device variability levels, for two copies
            on the NOISE_AWARE_AT levels), so only the noise differs.
 
 Each writes into --out: `study.json` (a table: `columns`, `rows`, plus
-`metrics` and the config), `study.png` and `study.md`.
+`metrics` and the config), `study.png` and `study.md`.  The steps each
+adaptation ran are recorded (`steps`); `--replay DIR` repeats a study with
+exactly those counts and no wall clock (`replay_steps`), step for step on
+any machine.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ import torch
 
 from cimattn.config import HardwareConfig, load_preset, with_changes
 from cimattn.errors import CimattnError
-from cimattn.storage import atomic_write_json, git_commit, versions
+from cimattn.storage import atomic_write_json, git_commit, read_json, versions
 
 # τ sweep [s] at the preset's step time: oxide (IGZO) gain cells hold > 1 h, silicon ones 10 µs – 1 ms (PAPERS.md,
 # neighbours); 5 ms is the paper's (Leroux et al.: 1.6e-4 per 0.8 µs token). None = an ideal, non-leaking cell.
@@ -56,7 +59,9 @@ class StudySpec:
     preset: str = "gaincell-normalized"  # the demo's hardware: the paper's adapts too poorly on a CPU budget to study
     out: Path = Path("runs/study")
     adapted: Path | None = None  # a run's adapted/ directory to start from instead of adapting
-    budget_s: float = 120.0  # wall-clock seconds of each adaptation
+    budget_s: float | None = 120.0  # wall-clock seconds of each adaptation; None: the preset's recipe counts (or `steps`)
+    replay: Path | None = None  # a finished study's directory: adapt with its step counts instead of budget_s
+    steps: dict | None = None  # what replay sets: {"adapt": adapt_steps, "finetune": {label: steps}} (`replay_steps`)
     text: str | None = None
     eval_tokens: int = 1024  # tokens scored per point (retention, noise); sequences × length for context
     context: int | None = None
@@ -130,7 +135,8 @@ def _run(spec: StudySpec, hardware: HardwareConfig, out: Path, progress: Callabl
     from cimattn import pipeline
 
     run_spec = pipeline.RunSpec(model=spec.model, preset=spec.preset, out=out, text=spec.text, eval_tokens=spec.eval_tokens,
-                                context=spec.context, budget_s=spec.budget_s, seed=spec.seed)
+                                context=spec.context, budget_s=spec.budget_s, seed=spec.seed,
+                                adapt_steps=None if spec.steps is None else spec.steps.get("adapt", {}))
     return pipeline.Run(spec=run_spec, hardware=hardware, progress=progress, results=pipeline.new_results(run_spec, hardware, None))
 
 
@@ -236,7 +242,8 @@ def noise(bench: Bench, progress: Callable) -> tuple[list[dict], dict]:
 
 
 def _finetuned(bench: Bench, hardware: HardwareConfig, label: str, progress: Callable) -> tuple[Bench, list[float]]:
-    """A copy of the adapted model fine-tuned --budget seconds more (end-to-end distillation) on `hardware`, saved in OUT/label."""
+    """A copy of the adapted model fine-tuned more (end-to-end distillation: --budget seconds, the replayed steps, or the
+    recipe's finetune_steps without a budget) on `hardware`, saved in OUT/label."""
     from cimattn.adapt import distill
     from cimattn.adapt.checkpoint import save_parameters
     from cimattn.models.convert import hardware_state_dict, trainable_parameters
@@ -249,8 +256,13 @@ def _finetuned(bench: Bench, hardware: HardwareConfig, label: str, progress: Cal
     tuned = Bench(bench.spec, hardware, run, bench.scalers)
     tuned.use(hardware)
     recipe = hardware.adapt.model_copy(update={"calib_context": hardware.adapt.calib_context or bench.spec.context})
+    if bench.spec.steps is not None:
+        steps = bench.spec.steps.get("finetune", {}).get(label, 0)
+    else:
+        steps = recipe.finetune_steps if bench.spec.budget_s is None else None
     losses = distill.distill(tuned.model, bench.run.teacher, bench.run.calib_ids, recipe, stage=label,
-                             parameters=trainable_parameters(tuned.model, recipe.train), steps=None, budget_s=bench.spec.budget_s,
+                             parameters=trainable_parameters(tuned.model, recipe.train), steps=steps,
+                             budget_s=bench.spec.budget_s if steps is None else None,
                              checkpoint_dir=run.out, seed=bench.spec.seed, progress=progress)
     tuned.scalers = hardware_state_dict(tuned.model, "scalers")
     save_parameters(run.out / ADAPTED, hardware_state_dict(tuned.model, recipe.train), hardware)  # for `cimattn eval --adapted`
@@ -262,6 +274,28 @@ STUDIES: dict[str, Callable[[Bench, Callable], tuple[list[dict], dict]]] = {
 }
 
 
+def replay_steps(study_dir: Path, spec: StudySpec) -> dict:
+    """The steps a finished study's adaptations ran (its study.json `steps`), to repeat it with no clock.
+
+    The study must be the same one, on the same model, preset, seed and context, and must have adapted
+    (a study of --adapted parameters has nothing to replay).
+    """
+    path = Path(study_dir) / "study.json"
+    if not path.is_file():
+        raise CimattnError(f"--replay {study_dir}: no study.json there; give the directory of a finished `cimattn study`")
+    previous = read_json(path)
+    if not previous.get("steps", {}).get("adapt"):
+        raise CimattnError(f"--replay {study_dir}: that study records no adaptation steps (it started from --adapted "
+                           "parameters, or was made by a cimattn before they were recorded)")
+    ran = previous["config"]["study"]
+    mine = asdict(spec) | {"preset": load_preset(spec.preset).name}  # a study records its preset by name
+    differ = [k for k in ("name", "model", "preset", "seed", "context") if ran.get(k) != mine[k]]
+    if differ:
+        raise CimattnError(f"--replay {study_dir}: that study used " + ", ".join(f"{k} {ran.get(k)}" for k in differ)
+                           + "; pass the same values to repeat it")
+    return previous["steps"]
+
+
 def run_study(spec: StudySpec, *, progress: Callable, log: Callable[[str], None] = lambda s: None) -> dict:
     """Run study `spec.name` into `spec.out`; returns the study record (also in study.json)."""
     if spec.name not in STUDIES:
@@ -270,6 +304,10 @@ def run_study(spec: StudySpec, *, progress: Callable, log: Callable[[str], None]
         raise CimattnError("--sequences, --multiple and --bin-tokens must be at least 1")
     if spec.context is None:
         spec.context = DEFAULT_CONTEXT[spec.name]
+    if spec.replay is not None:
+        if spec.adapted is not None:
+            raise CimattnError("--replay repeats a study's adaptation; a study of --adapted parameters adapts nothing: drop one")
+        spec.steps, spec.budget_s = replay_steps(spec.replay, spec), None
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
@@ -284,6 +322,7 @@ def run_study(spec: StudySpec, *, progress: Callable, log: Callable[[str], None]
         "config": {"study": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(spec).items()},
                    "hardware": bench.hardware.model_dump(mode="json")},
         "timings": {"prepare": round(prepared - started, 3), "sweep": round(time.perf_counter() - prepared, 3)},
+        "steps": {"adapt": bench.run.results.get("adapt_steps", {}), **({"finetune": metrics["finetune_steps"]} if "finetune_steps" in metrics else {})},
         "metrics": {**metrics, "adaptation": {k: v for k, v in bench.adapt_metrics.items() if k.startswith(("ppl_", "adapted_"))}},
         "columns": list(rows[0]), "rows": rows,
     }
@@ -294,4 +333,4 @@ def run_study(spec: StudySpec, *, progress: Callable, log: Callable[[str], None]
     return record
 
 
-__all__ = ["NOISE_LEVELS", "RETENTION_TAUS_S", "STUDIES", "StudySpec", "position_nll", "run_study"]
+__all__ = ["NOISE_LEVELS", "RETENTION_TAUS_S", "STUDIES", "StudySpec", "position_nll", "replay_steps", "run_study"]

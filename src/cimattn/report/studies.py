@@ -12,6 +12,14 @@ SILICON_TAU_S = (1e-5, 1e-3)  # silicon gain cells hold 10 µs – 1 ms (PAPERS.
 OXIDE_TAU_S = 3600.0  # oxide (IGZO) gain cells: > 1 h
 
 
+def _adaptation(study: dict, steps: dict) -> str:
+    ran = ", ".join(f"{k} {v}" for k, v in steps.get("adapt", {}).items()) or "no training steps"
+    ran += "".join(f"; {label} fine-tuning {n} steps" for label, n in steps.get("finetune", {}).items())
+    how = f"{study['budget_s']:g} s budget" if study.get("budget_s") is not None else (
+        f"replayed from `{study['replay']}`" if study.get("replay") else "the preset's recipe")
+    return f"{how} ({ran})"
+
+
 def write_study_report(out: Path, record: dict) -> Path:
     """Write `out/study.png` and `out/study.md` for one study record; returns the markdown's path."""
     out = Path(out)
@@ -24,7 +32,7 @@ def write_study_report(out: Path, record: dict) -> Path:
         "",
         f"seed {record['seed']} · commit `{record.get('git_commit')}` · perplexity windows of {study['context']} tokens, "
         f"{study['eval_tokens']} tokens per point · adaptation: "
-        + (f"loaded from `{study['adapted']}`" if study.get("adapted") else f"{study['budget_s']:g} s budget"),
+        + (f"loaded from `{study['adapted']}`" if study.get("adapted") else _adaptation(study, record.get("steps", {}))),
         "",
         "## Summary",
         "",
