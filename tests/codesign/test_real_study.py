@@ -1,6 +1,9 @@
 """The real evaluator on tiny-llama: convert, fit the scalers, perplexity, cost — deterministic, cached, searched."""
 
+import importlib.util
+import json
 import math
+import shutil
 
 import pytest
 
@@ -68,6 +71,11 @@ def test_adapted_start_gives_every_point_one_adaptation(tmp_path, tiny_text):
     assert adapt_start(space, 0, tmp_path).keys() == adapted.keys()  # resumed: the finished adaptation is loaded, not rerun
     trials = run_study(space, tmp_path, 3, ["random"])
     assert len(trials["random"]) == 3
+    if importlib.util.find_spec("ray") is not None:  # Ray workers get the adapted parameters too: the same metrics
+        shutil.copytree(tmp_path / "start", tmp_path / "ray" / "start")  # the finished adaptation, not rerun
+        remote = run_study(space, tmp_path / "ray", 3, ["random"], workers=2)
+        assert {json.dumps(p, sort_keys=True): m["ppl"] for p, m in remote["random"]} == \
+            {json.dumps(p, sort_keys=True): m["ppl"] for p, m in trials["random"]}
 
 
 def test_adapted_start_refuses_what_it_cannot_run(tiny_space):

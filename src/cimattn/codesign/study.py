@@ -65,8 +65,9 @@ class RayPool:
                 ray.init(num_cpus=workers, include_dashboard=False, log_to_driver=False,
                          runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_AUTH_MODE": "disabled"}})
         worker = ray.remote(num_cpus=1)(_Worker)
-        # the adapted parameters travel by value: a worker on another machine cannot read this one's files
-        self.workers = [worker.remote(space.model_dump(mode="json"), seed, adapted) for _ in range(workers)]
+        # the adapted parameters travel through the object store (put once): a worker on another machine cannot read our files
+        shared = None if adapted is None else ray.put(adapted)
+        self.workers = [worker.remote(space.model_dump(mode="json"), seed, shared) for _ in range(workers)]
         self.size = workers
 
     def constants(self) -> dict:
