@@ -40,6 +40,28 @@ def constrained_metrics(space: Space) -> list[str]:
     return list(dict.fromkeys(c.metric for c in space.constraints if c.metric not in objectives))
 
 
+# Perplexity spans decades even in log space (a design that breaks the model: 10^3–10^4 against ~60 at the front), and in
+# a least-squares fit that tail drowns the few-percent differences that rank the front; the proxy models log(log ppl)
+# (ppl ≥ 1: log ppl ≥ 0).  Offline on two SmolLM2 studies: cross-validated rank correlation 0.924 / 0.920 against 0.921 / 0.889.
+PROXY_LOGLOG = ("ppl",)
+
+
+def proxy_value(metric: str, v: float) -> float:
+    """A `transformed` value (log units) → what the proxy fits for that metric."""
+    return math.log(max(v, 1e-6)) if metric in PROXY_LOGLOG and math.isfinite(v) else v
+
+
+def from_proxy(metric: str, v: np.ndarray) -> np.ndarray:
+    """`proxy_value`'s inverse, element-wise."""
+    return np.exp(v) if metric in PROXY_LOGLOG else v
+
+
+def proxy_targets(space: Space, metrics: dict) -> list[float]:
+    """`transformed`, in the units the proxy fits (`proxy_value` per column)."""
+    columns = [o.metric for o in space.objectives] + constrained_metrics(space)
+    return [proxy_value(c, v) for c, v in zip(columns, transformed(space, metrics))]
+
+
 def _log(x: float) -> float:
     return math.log(x) if x > 0 else (math.inf if math.isnan(x) else -30.0)  # log(0): a floor far below any real metric
 
@@ -162,7 +184,7 @@ class ProxySearch:
 
     def tell(self, params: dict, metrics: dict) -> None:
         self.x.append(self.space.to_unit(params))
-        self.y.append(transformed(self.space, metrics))
+        self.y.append(proxy_targets(self.space, metrics))
 
     def ask(self, n: int) -> list[dict]:
         done = len(self.x)
@@ -204,7 +226,7 @@ class ProxySearch:
                 exact = self.exact(params)
                 for j, o in enumerate(self.space.objectives):
                     if o.metric in exact:
-                        pred[i, j] = objective_value(o, exact[o.metric])
+                        pred[i, j] = proxy_value(o.metric, objective_value(o, exact[o.metric]))
         ok = np.ones(len(candidates), bool)
         for col, bound, sign in self._bounds():
             ok &= sign * (mu[:, col].numpy() - bound) <= 0
@@ -221,9 +243,9 @@ class ProxySearch:
             sign, bound = (1.0 if c.op == "<=" else -1.0), c.bound(self.constants)
             if c.metric in objectives:
                 j, o = objectives[c.metric]
-                out.append((j, objective_value(o, bound), -sign if o.direction == "maximize" else sign))
+                out.append((j, proxy_value(c.metric, objective_value(o, bound)), -sign if o.direction == "maximize" else sign))
             else:
-                out.append((self.m + extra.index(c.metric), _log(bound), sign))
+                out.append((self.m + extra.index(c.metric), proxy_value(c.metric, _log(bound)), sign))
         return out
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from cimattn.codesign.methods import feasible, objective_value, transformed
+from cimattn.codesign.methods import feasible, from_proxy, objective_value, proxy_targets, transformed
 from cimattn.codesign.pareto import hypervolume, pareto_mask
 from cimattn.codesign.space import Space
 from cimattn.codesign.store import Store
@@ -77,7 +77,7 @@ def proxy_error(space: Space, train: list, test: list, seed: int = 0) -> dict:
 
     search = ProxySearch(space, seed, len(train), {})
     x = np.array([space.to_unit(p) for p, _ in train])
-    y = finite_cap(np.array([transformed(space, m) for _, m in train]))
+    y = finite_cap(np.array([proxy_targets(space, m) for _, m in train]))
     search.proxy.fit(x, y)
     with torch.no_grad():
         mu, _ = search.proxy.predict(torch.tensor([space.to_unit(p) for p, _ in test], dtype=torch.float32))
@@ -85,7 +85,8 @@ def proxy_error(space: Space, train: list, test: list, seed: int = 0) -> dict:
     for j, o in enumerate(space.objectives):
         truth = np.array([m[o.metric] for _, m in test])
         ok = np.isfinite(truth) & (truth != 0)  # relative error is undefined at 0
-        pred = -mu[:, j].numpy() if o.direction == "maximize" else mu[:, j].numpy()
+        pred = from_proxy(o.metric, mu[:, j].numpy().astype(float))
+        pred = -pred if o.direction == "maximize" else pred
         pred = np.exp(pred) if o.log else pred
         out[o.metric] = {"mean_relative_error": float(np.mean(np.abs(pred[ok] - truth[ok]) / np.abs(truth[ok]))),
                          "spearman": spearman(pred[ok], truth[ok]) if ok.sum() > 2 else math.nan}
