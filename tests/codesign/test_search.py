@@ -1,5 +1,7 @@
 """Every search method on the analytic problem whose front is known; kill-and-resume; a 2-worker Ray run."""
 
+import math
+
 import numpy as np
 import pytest
 
@@ -108,3 +110,15 @@ def test_two_ray_workers_give_the_local_results(tmp_path, zdt, monkeypatch):
 
 def json_items(params):
     return tuple(sorted(params.items()))
+
+
+def test_proxy_models_log_log_perplexity(tiny_space):
+    """Perplexity's column is log(log ppl) for the proxy (its fit, constraint bounds, and the report's inverse); others log."""
+    from cimattn.codesign.methods import ProxySearch, from_proxy, proxy_targets
+
+    y = proxy_targets(tiny_space, {"ppl": 150.0, "energy_per_token_j": 2e-7})
+    assert y == pytest.approx([math.log(math.log(150.0)), math.log(2e-7)])
+    assert from_proxy("ppl", np.array([y[0]]))[0] == pytest.approx(math.log(150.0))
+    assert from_proxy("energy_per_token_j", np.array([y[1]]))[0] == y[1]
+    # tiny_space's constraint ppl <= 100 * ppl_digital, in the proxy's units
+    assert ProxySearch(tiny_space, 0, 10, {"ppl_digital": 30.0})._bounds() == [(0, pytest.approx(math.log(math.log(3000.0))), 1.0)]
