@@ -88,20 +88,28 @@ def replay_steps(run_dir: Path, spec: RunSpec) -> dict[str, int]:
     The run must have adapted the same model with the same preset, seed and context: counts of another
     configuration would not reproduce anything.
     """
-    path = Path(run_dir) / RESULTS
-    if not path.is_file():
-        raise CimattnError(f"--replay {run_dir}: no {RESULTS} there; give the directory of a finished `cimattn run` or `adapt`")
-    previous = read_json(path)
+    previous = replay_record(run_dir, RESULTS, "`cimattn run` or `adapt`")
     if "adapt_steps" not in previous:
         raise CimattnError(f"--replay {run_dir}: its {RESULTS} records no adaptation steps (not a gain-cell adaptation, "
                            "or made by a cimattn before they were recorded)")
-    ran = previous["config"]["run"]
-    mine = spec.key()
-    differ = [k for k in ("model", "preset", "seed", "context") if ran.get(k) != mine[k]]
-    if differ:
-        raise CimattnError(f"--replay {run_dir}: that run used " + ", ".join(f"{k} {ran.get(k)}" for k in differ)
-                           + "; pass the same values to repeat it")
+    require_same(run_dir, "run", previous["config"]["run"], spec.key(), ("model", "preset", "seed", "context"))
     return {k: int(n) for k, n in previous["adapt_steps"].items()}
+
+
+def replay_record(source: Path, file: str, made_by: str) -> dict:
+    """The record `file` of a finished run or study that --replay names (`made_by`: the command that writes it)."""
+    path = Path(source) / file
+    if not path.is_file():
+        raise CimattnError(f"--replay {source}: no {file} there; give the directory of a finished {made_by}")
+    return read_json(path)
+
+
+def require_same(source: Path, kind: str, ran: dict, mine: dict, keys: tuple[str, ...]) -> None:
+    """Refuse to replay a `kind` that ran with other `keys` than `mine`: its counts would reproduce nothing."""
+    differ = [k for k in keys if ran.get(k) != mine[k]]
+    if differ:
+        raise CimattnError(f"--replay {source}: that {kind} used " + ", ".join(f"{k} {ran.get(k)}" for k in differ)
+                           + "; pass the same values to repeat it")
 
 
 def new_results(spec: RunSpec, hardware: HardwareConfig, previous: dict | None) -> dict:

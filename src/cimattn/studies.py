@@ -36,7 +36,7 @@ import torch
 
 from cimattn.config import HardwareConfig, load_preset, with_changes
 from cimattn.errors import CimattnError
-from cimattn.storage import atomic_write_json, git_commit, read_json, versions
+from cimattn.storage import atomic_write_json, git_commit, versions
 
 # τ sweep [s] at the preset's step time: oxide (IGZO) gain cells hold > 1 h, silicon ones 10 µs – 1 ms (PAPERS.md,
 # neighbours); 5 ms is the paper's (Leroux et al.: 1.6e-4 per 0.8 µs token). None = an ideal, non-leaking cell.
@@ -280,19 +280,14 @@ def replay_steps(study_dir: Path, spec: StudySpec) -> dict:
     The study must be the same one, on the same model, preset, seed and context, and must have adapted
     (a study of --adapted parameters has nothing to replay).
     """
-    path = Path(study_dir) / "study.json"
-    if not path.is_file():
-        raise CimattnError(f"--replay {study_dir}: no study.json there; give the directory of a finished `cimattn study`")
-    previous = read_json(path)
+    from cimattn.pipeline import replay_record, require_same
+
+    previous = replay_record(study_dir, "study.json", "`cimattn study`")
     if not previous.get("steps", {}).get("adapt"):
         raise CimattnError(f"--replay {study_dir}: that study records no adaptation steps (it started from --adapted "
                            "parameters, or was made by a cimattn before they were recorded)")
-    ran = previous["config"]["study"]
     mine = asdict(spec) | {"preset": load_preset(spec.preset).name}  # a study records its preset by name
-    differ = [k for k in ("name", "model", "preset", "seed", "context") if ran.get(k) != mine[k]]
-    if differ:
-        raise CimattnError(f"--replay {study_dir}: that study used " + ", ".join(f"{k} {ran.get(k)}" for k in differ)
-                           + "; pass the same values to repeat it")
+    require_same(study_dir, "study", previous["config"]["study"], mine, ("name", "model", "preset", "seed", "context"))
     return previous["steps"]
 
 

@@ -44,7 +44,7 @@ def test_small_real_study_proxy_and_tpe(tmp_path, tiny_space, monkeypatch):
 
 def test_adapted_start_gives_every_point_one_adaptation(tmp_path, tiny_text):
     """start: adapted adapts once (replayed step counts, into DIR/start/) and every design runs those parameters: at the
-    preset's own values a design scores exactly the adapted run's perplexity; another window moves it, not the cost."""
+    preset's own values a design scores exactly the adapted run's perplexity; another window moves it."""
     from cimattn.codesign import parse_space
     from cimattn.codesign.evaluators import adapt_start
     from cimattn.storage import read_json
