@@ -113,6 +113,24 @@ def test_distillation_lowers_the_loss():
     assert len(losses) == 25 and after < before
 
 
+def test_training_computes_gradients_only_for_what_it_trains():
+    # the rest of the model neither pays for weight gradients nor keeps them, and its flags come back as they were
+    from cimattn.adapt.layerwise import capture_teacher, train_layers
+
+    hw = hardware(train="scalers")
+    student, teacher = pair(hw)
+    student.model.embed_tokens.weight.requires_grad_(False)  # a user's frozen parameter stays frozen
+    flags = {n: p.requires_grad for n, p in student.named_parameters()}
+    trained = trainable_parameters(student, "scalers")
+    distill(student, teacher, ids(), hw.adapt, stage="t", parameters=trained, steps=2, budget_s=None,
+            checkpoint_dir=_tmp(), seed=0, progress=no_progress)
+    batch = calibration_batch(ids(), 64, 32)
+    train_layers(student, capture_teacher(teacher, batch), hw.adapt, steps_per_layer=2, progress=no_progress)
+    assert {n: p.requires_grad for n, p in student.named_parameters()} == flags
+    assert all(p.grad is None for n, p in student.named_parameters() if n not in trained)
+    assert all(p.grad is None for p in trained.values())  # the optimizers cleared their own
+
+
 def test_layerwise_scalers_train_in_their_own_group_without_weight_decay():
     from cimattn.adapt import layerwise
 

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from cimattn.adapt import checkpoint
 from cimattn.config import Adapt
+from cimattn.models.convert import gradients_only_for
 
 CHECKPOINT_EVERY_S = 30.0  # wall-clock between checkpoints: bounds the work a kill loses
 PLAN_AFTER_STEPS = 3  # a budget becomes a step count from the steps after the first (which pays one-off set-up costs)
@@ -79,7 +80,7 @@ def distill(
     student.train()
     last_save = started = time.perf_counter()
     first_step_s = 0.0
-    with progress(f"fine-tune: {stage}", total=planned) as advance:
+    with progress(f"fine-tune: {stage}", total=planned) as advance, gradients_only_for(student, parameters.values()):
         advance(step)
         while planned is None or step < planned:
             t0 = time.perf_counter()

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 from cimattn.config import Adapt
-from cimattn.models.convert import decoder_layers, trains
+from cimattn.models.convert import decoder_layers, gradients_only_for, trains
 
 CACHE_KWARGS = ("cache", "past_key_values", "past_key_value", "layer_past")
 Call = tuple[tuple, dict]  # positional and keyword arguments of a module call
@@ -143,14 +143,15 @@ def _train(attention, args, kwargs, target, recipe: Adapt, steps: int, advance) 
     optimizer = adamw(named, recipe)
     attention.train()
     losses = []
-    for _ in range(steps):
-        loss = normalised_mse(attention(*args, **kwargs)[0], target)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(loss.item())
-        advance(1)
+    with gradients_only_for(attention, params):
+        for _ in range(steps):
+            loss = normalised_mse(attention(*args, **kwargs)[0], target)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            advance(1)
     attention.eval()
     return losses
 

@@ -34,6 +34,7 @@ from cimattn.attention.prune_recompute import collect_telemetry, prune_layers
 from cimattn.config import HardwareConfig
 from cimattn.config.schema import MARGIN_RULES
 from cimattn.errors import CimattnError
+from cimattn.models.convert import gradients_only_for
 
 CALIBRATED = ("threshold", "q_full_scale", "k_full_scale")  # the buffers a calibration sets
 SHARED_THRESHOLD_STEPS = 10  # bisection steps of a model-wide threshold: 1/1024 of the per-layer values' spread
@@ -138,32 +139,27 @@ def learn_thresholds(model: torch.nn.Module, teacher: torch.nn.Module, batch: to
     batch = batch.to(device)
     with torch.no_grad():
         target = torch.log_softmax(teacher(input_ids=batch, use_cache=False).logits.float(), dim=-1).flatten(0, 1)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    thresholds = [cim.threshold.requires_grad_(True) for cim in layers]
+    thresholds = [cim.threshold for cim in layers]  # buffers: they require gradients only while they learn
     optimizer = torch.optim.Adam(thresholds, lr=sel.learn_lr)
     losses = []
     try:
-        for p in frozen:
-            p.requires_grad_(False)
         for cim in layers:
             cim.soft_temperature = sel.learn_temperature
-        for _ in range(sel.learn_steps):
-            for cim in layers:
-                cim.soft_kept = []
-            logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1).flatten(0, 1)
-            kl = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
-            kept = sum(k for cim in layers for k, _ in cim.soft_kept) / sum(n for cim in layers for _, n in cim.soft_kept)
-            loss = kl + sel.learn_rate_weight * (kept - sel.keep_rate) ** 2
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            losses.append(loss.item())
+        with gradients_only_for(model, thresholds):
+            for _ in range(sel.learn_steps):
+                for cim in layers:
+                    cim.soft_kept = []
+                logp = torch.log_softmax(model(input_ids=batch, use_cache=False).logits.float(), dim=-1).flatten(0, 1)
+                kl = torch.nn.functional.kl_div(logp, target, log_target=True, reduction="batchmean")
+                kept = sum(k for cim in layers for k, _ in cim.soft_kept) / sum(n for cim in layers for _, n in cim.soft_kept)
+                loss = kl + sel.learn_rate_weight * (kept - sel.keep_rate) ** 2
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
     finally:
         for cim in layers:
             cim.soft_temperature, cim.soft_kept = None, []
-            cim.threshold.requires_grad_(False)
-        for p in frozen:
-            p.requires_grad_(True)
     return losses
 
 

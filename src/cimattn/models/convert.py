@@ -202,6 +202,30 @@ def reset_noise(model: nn.Module) -> None:
 
 
 @contextmanager
+def gradients_only_for(module: nn.Module, parameters):
+    """Within the block only `parameters` of `module` require gradients; the others' flags are restored after.
+
+    Training a subset (the scalers, the attention projections, LoRA) must not pay for
+    the weight gradients of the rest: on SmolLM2 those of the MLPs, the embedding and
+    the tied LM head are ~25 % of an end-to-end distillation step.
+    """
+    keep = {id(p) for p in parameters}
+    frozen = [p for p in module.parameters() if p.requires_grad and id(p) not in keep]
+    thawed = [p for p in parameters if not p.requires_grad]
+    try:
+        for p in frozen:
+            p.requires_grad_(False)
+        for p in thawed:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+        for p in thawed:
+            p.requires_grad_(False)
+
+
+@contextmanager
 def recorded_stats(model: nn.Module):
     """Record per-head scaler statistics during the block; yields a dict {(layer, scaler): Moments} filled at its end."""
     layers = _require_hardware(model)
