@@ -136,8 +136,7 @@ def new_results(spec: RunSpec, hardware: HardwareConfig, previous: dict | None) 
         "timings": dict(previous["timings"]) if reuse else {},
         "metrics": dict(previous["metrics"]) if reuse else {},
         "history": dict(previous.get("history", {})) if reuse else {},
-        **({"adapt_steps": previous["adapt_steps"]} if reuse and "adapt_steps" in previous else {}),
-        **({"telemetry": previous["telemetry"]} if reuse and "telemetry" in previous else {}),
+        **({k: previous[k] for k in ("adapt_steps", "telemetry", "ppl_by_position") if reuse and k in previous}),
     }
 
 
@@ -168,6 +167,7 @@ def baseline(run: Run) -> str | None:
     if "ppl_digital" in run.metrics:
         return "reused"
     result = _perplexity(run, "digital baseline")
+    run.results.setdefault("ppl_by_position", {})["digital"] = list(result.by_position)
     run.metrics.update(
         ppl_digital=result.ppl,
         eval_tokens=result.eval_tokens,
@@ -217,6 +217,7 @@ def evaluate(run: Run) -> str | None:
     if run.hardware.attention == "digital" or "ppl_hardware_adapted" in run.metrics:
         return "reused"
     result = _hardware_perplexity(run, "adapted hardware model")
+    run.results.setdefault("ppl_by_position", {})["hardware_adapted"] = list(result.by_position)
     run.metrics.update(
         ppl_hardware_adapted=result.ppl,
         ppl_ratio_adapted=result.ppl / run.metrics["ppl_digital"],
@@ -381,7 +382,9 @@ def evaluate_models(
     _timed(run, "baseline", baseline, lambda s: None)
     if to_hardware(run.model, preset, adapted) is not None:
         key = "ppl_hardware_adapted" if adapted else "ppl_hardware_initial"
-        run.metrics[key] = _hardware_perplexity(run, key.removeprefix("ppl_").replace("_", " ")).ppl
+        result = _hardware_perplexity(run, key.removeprefix("ppl_").replace("_", " "))
+        run.metrics[key] = result.ppl
+        run.results.setdefault("ppl_by_position", {})[key.removeprefix("ppl_")] = list(result.by_position)
         run.metrics["ppl_ratio"] = run.metrics[key] / run.metrics["ppl_digital"]
     run.save()
     return run.results

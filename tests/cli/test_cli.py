@@ -111,6 +111,10 @@ def test_gaincell_run_then_eval_and_generate_the_adapted_model(cli, monkeypatch,
                 "ppl_hardware_layerwise", "ppl_hardware_adapted"):
         assert m[key] > 1, key
     assert (out / "adapted" / "hardware.safetensors").is_file() and (out / "adaptation.png").is_file()
+    by_position = json.loads((out / "results.json").read_text())["ppl_by_position"]  # the same tokens, banded by position
+    assert set(by_position) == {"digital", "hardware_adapted"}
+    assert [sum(b["tokens"] for b in bands) for bands in by_position.values()] == [m["scored_tokens"]] * 2
+    assert "By position in the window" in (out / "report.md").read_text() and (out / "ppl_by_position.png").is_file()
 
     # the saved parameters reproduce the run's adapted perplexity
     code, _, err = cli("eval", *common, "--adapted", out / "adapted", "--out", tmp_path / "eval")

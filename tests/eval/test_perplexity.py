@@ -46,6 +46,25 @@ def test_hand_made_case(llama):
     assert result.seconds > 0 and result.tokens_per_s == pytest.approx(10 / result.seconds)
 
 
+def test_perplexity_by_position_bands_the_same_tokens(llama):
+    # 25 tokens in windows of 10: positions 1..9 of two windows and 1..4 of the last; bands [1], [2, 3], [4, 7], [8, 9]
+    ids = byte_ids(25)
+    result = perplexity(llama, ids, context=10)
+    with torch.no_grad():
+        nll = {p: [] for p in range(1, 10)}
+        for start in (0, 10, 20):
+            window = ids[start:start + 10]
+            logp = torch.log_softmax(llama(window[None]).logits[0, :-1].float(), dim=-1)
+            for p, token in enumerate(window[1:].tolist(), start=1):
+                nll[p].append(-logp[p - 1, token].item())
+    bands = [(1, 1), (2, 3), (4, 7), (8, 9)]
+    assert [(b["first"], b["last"]) for b in result.by_position] == bands
+    for band, (first, last) in zip(result.by_position, bands):
+        values = [v for p in range(first, last + 1) for v in nll[p]]
+        assert band["tokens"] == len(values) and band["ppl"] == pytest.approx(math.exp(sum(values) / len(values)), rel=1e-5)
+    assert sum(b["tokens"] for b in result.by_position) == result.scored_tokens == 9 + 9 + 4
+
+
 @pytest.mark.parametrize("name", ["tiny-llama", "tiny-gpt2", "tiny-qwen2"])
 def test_matches_transformers_loss(name):
     model = load_model(name)[0]

@@ -6,6 +6,11 @@ fewer than 2 tokens is skipped), score every token but each window's first,
 and report exp of the mean NLL over all scored tokens.  Each window starts
 with no past, so the first tokens of a window see little context: this is
 the simple, stride = context convention, not a sliding window.
+
+The same tokens also give perplexity by position in the window, in
+power-of-two bands (positions 1, 2–3, 4–7, …): how quality depends on the
+context a token sees, e.g. a hardware model adapted on short windows and
+read over long ones.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class PerplexityResult:
     windows: int
     tokens_per_s: float  # eval_tokens through the model per second of wall time
     seconds: float
+    by_position: tuple[dict, ...] = ()  # {"first", "last" (positions in the window), "tokens", "ppl"} per band
 
 
 def max_context(model) -> int | None:
@@ -70,6 +76,8 @@ def perplexity(
     was_training = model.training
     model.eval()
     nll_sum, scored = 0.0, 0
+    position_nll = torch.zeros(context, dtype=torch.float64)  # summed over windows, by position in the window
+    position_count = torch.zeros(context, dtype=torch.long)
     start_time = time.perf_counter()
     try:
         with torch.inference_mode():
@@ -77,6 +85,8 @@ def perplexity(
                 nll = _token_nll(model, batch.to(_device(model)), start)
                 nll_sum += nll.sum(dtype=torch.float64).item()
                 scored += nll.numel()
+                position_nll[1 : nll.shape[1] + 1] += nll.sum(0, dtype=torch.float64).cpu()
+                position_count[1 : nll.shape[1] + 1] += nll.shape[0]
                 if progress is not None:
                     progress(batch.numel())
         if progress is not None and len(ids) > bounds[-1][1]:
@@ -88,7 +98,20 @@ def perplexity(
     return PerplexityResult(
         ppl=math.exp(nll_mean), nll_mean=nll_mean, scored_tokens=scored, eval_tokens=len(ids),
         context=context, windows=len(bounds), tokens_per_s=len(ids) / seconds, seconds=seconds,
+        by_position=position_bands(position_nll, position_count),
     )
+
+
+def position_bands(nll: torch.Tensor, count: torch.Tensor) -> tuple[dict, ...]:
+    """Perplexity per power-of-two band of positions [2^i, 2^(i+1)) from NLL sums and token counts by position."""
+    bands, first = [], 1
+    while first < len(nll):
+        last = min(2 * first, len(nll)) - 1
+        n = int(count[first : last + 1].sum())
+        if n:
+            bands.append({"first": first, "last": last, "tokens": n, "ppl": math.exp(float(nll[first : last + 1].sum()) / n)})
+        first *= 2
+    return tuple(bands)
 
 
 def _check(model, ids: torch.Tensor, context: int, eval_tokens: int | None, batch_size: int) -> torch.Tensor:

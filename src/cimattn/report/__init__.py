@@ -25,7 +25,7 @@ PPL_STAGES = {
 def write_report(out: Path, results: dict) -> Path:
     """Write `out/report.md` and its plots; returns the report's path."""
     out = Path(out)
-    plots = [p for p in (_plot_ppl(out, results), _plot_history(out, results)) if p]
+    plots = [p for p in (_plot_ppl(out, results), _plot_by_position(out, results), _plot_history(out, results)) if p]
     m = results.get("metrics", {})
     lines = [
         f"# cimattn run: {results['model']} on `{results['preset']}`",
@@ -46,6 +46,7 @@ def write_report(out: Path, results: dict) -> Path:
         if key in m:
             ratio = f"{m[key] / digital:.3g}" if digital else ""
             lines.append(f"| {label} | {m[key]:.4g} | {ratio} |")
+    lines += _by_position_lines(results)
     from cimattn.cost.run import report_lines as cost_lines
 
     lines += ["", *cost_lines(results)]
@@ -78,6 +79,41 @@ def _plot_ppl(out: Path, results: dict) -> Path | None:
     ax.set_xlabel("perplexity (log scale, lower is better)")
     ax.set_title(f"{results['model']} · {results['preset']}")
     return save_figure(fig, out / "ppl_stages.png")
+
+
+def _by_position_lines(results: dict) -> list[str]:
+    """Perplexity per band of positions in the window, each model a column, and the hardware's ratio to digital."""
+    curves = results.get("ppl_by_position", {})
+    if len(curves) < 2 or "digital" not in curves:
+        return []
+    names = list(curves)
+    lines = ["", "### By position in the window", "",
+             "| positions | tokens | " + " | ".join(n.replace("_", " ") for n in names) + " | × digital |",
+             "|---|---|" + "---|" * (len(names) + 1)]
+    rows = {n: {b["first"]: b for b in curves[n]} for n in names}
+    for band in curves["digital"]:
+        cells = [rows[n].get(band["first"], {}).get("ppl") for n in names]
+        last = cells[-1]
+        ratio = f"{last / band['ppl']:.3g}" if last is not None else ""
+        lines.append(f"| {band['first']}–{band['last']} | {band['tokens']} | "
+                     + " | ".join("" if c is None else f"{c:.4g}" for c in cells) + f" | {ratio} |")
+    return lines
+
+
+def _plot_by_position(out: Path, results: dict) -> Path | None:
+    curves = results.get("ppl_by_position", {})
+    if len(curves) < 2:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    for name, bands in curves.items():
+        ax.plot([b["first"] for b in bands], [b["ppl"] for b in bands], marker="o", label=name.replace("_", " "))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("position in the window (band start)")
+    ax.set_ylabel("perplexity")
+    ax.set_title(f"{results['model']} · {results['preset']}: perplexity by context seen")
+    ax.legend(fontsize=8)
+    return save_figure(fig, out / "ppl_by_position.png")
 
 
 def _plot_history(out: Path, results: dict) -> Path | None:
