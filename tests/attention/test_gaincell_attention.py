@@ -84,6 +84,8 @@ def reference(module, q, k, v, key_valid=None, offsets=None):
             for t in range(t_):
                 p = s_ - t_ + t
                 tiles: dict[int, torch.Tensor] = {}
+                seen = sum(1 for s in range(max(0, p - w + 1), p + 1) if key_valid is None or key_valid[b, s])
+                lowered = cfg.offset_per_doubling * math.log2(max(seen / cfg.offset_reference_keys, 1.0))
                 for s in range(max(0, p - w + 1), p + 1):
                     if key_valid is not None and not key_valid[b, s]:
                         continue
@@ -91,7 +93,7 @@ def reference(module, q, k, v, key_valid=None, offsets=None):
                     gk = 1.0 if cim.k_gain is None else cim.k_gain[kv, slot]
                     gv = torch.ones(d_ + 1, dtype=q.dtype) if cim.v_gain is None else cim.v_gain[kv, slot]
                     score = (f(qq[t], kk[s] - Y_MID, dec) * gk).sum()
-                    a = (cfg.score_scale * score + cfg.score_offset).clamp(0, 1)
+                    a = (cfg.score_scale * score + cfg.score_offset - lowered).clamp(0, 1)
                     charge = f(a, vv[s] - Y_MID, dec) * gv[:d_]
                     if cfg.normalize:  # the all-ones column, stored at full scale
                         charge = torch.cat([charge, (f(a, cfg.v.high - Y_MID, dec) * gv[d_]).reshape(1)])
@@ -134,6 +136,19 @@ def test_matches_loop_reference_with_variability_and_normalisation(grad):
     with torch.set_grad_enabled(grad):
         got = run(module, q, k, v)
     assert torch.allclose(got, reference(module, q, k, v), atol=1e-10)
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_matches_loop_reference_with_an_offset_that_falls_with_the_keys_seen(grad):
+    """offset_per_doubling: the query that sees n > 2 keys has its HardSigmoid offset lowered by 0.3·log2(n / 2)."""
+    module = make_module(physics(offset_per_doubling=0.3, offset_reference_keys=2, score_offset=0.3))
+    q, k, v = inputs(seed=3)
+    with torch.set_grad_enabled(grad):
+        got = run(module, q, k, v)
+    assert torch.allclose(got, reference(module, q, k, v), atol=1e-10)
+    plain = make_module(physics(score_offset=0.3))
+    assert not torch.allclose(got[:, :, 2:], run(plain, q, k, v)[:, :, 2:], atol=1e-3)  # from the third query on
+    assert torch.allclose(got[:, :, :2], run(plain, q, k, v)[:, :, :2], atol=1e-12)  # one and two keys: the paper's offset
 
 
 def test_ideal_limit_is_digital_hardsigmoid_attention():
@@ -201,9 +216,11 @@ def test_query_heads_of_a_group_share_the_kv_arrays():
     assert torch.allclose(run(shared, q, k, v), run(separate, q, k.expand(-1, 2, -1, -1), v.expand(-1, 2, -1, -1)), atol=1e-12)
 
 
-def test_left_padding_with_position_ids_equals_the_unpadded_sequence():
-    """Sequence 0 is left-padded by 3 (not a multiple of the 4-token tile): its ring starts at its first real token."""
-    cfg = physics(noise=Noise(cell_variability_std=0.1))
+@pytest.mark.parametrize("extra", [{}, {"offset_per_doubling": 0.3, "offset_reference_keys": 2}], ids=["paper", "offset-per-doubling"])
+def test_left_padding_with_position_ids_equals_the_unpadded_sequence(extra):
+    """Sequence 0 is left-padded by 3 (not a multiple of the 4-token tile): its ring starts at its first real token
+    (and padding keys do not count among the keys a query sees)."""
+    cfg = physics(noise=Noise(cell_variability_std=0.1), **extra)
     module = make_module(cfg)
     q, k, v = inputs(t=14, s=14)
     pad = 3
@@ -335,8 +352,9 @@ def expected(module, q, k, v, s, key_valid=None, offsets=None):
 
 @pytest.mark.usefixtures("every_step")
 @pytest.mark.parametrize("kind", ["nonlinear", "linear"])
-@pytest.mark.parametrize("extra", [{}, {"noise": Noise(cell_variability_std=0.1, seed=3), "normalize": True, "av_tile_scale": 0.02}],
-                         ids=["ideal-chip", "variability-normalize"])
+@pytest.mark.parametrize("extra", [{}, {"noise": Noise(cell_variability_std=0.1, seed=3), "normalize": True, "av_tile_scale": 0.02},
+                                   {"offset_per_doubling": 0.3, "offset_reference_keys": 2}],
+                         ids=["ideal-chip", "variability-normalize", "offset-per-doubling"])
 def test_decode_steps_write_one_slot_each_and_equal_the_loop_reference(kind, extra, monkeypatch):
     """Token by token through an 8-token ring (20 steps, 2.5 laps): each step equals the equations and writes one slot."""
     module = make_module(physics(cell=kind, **extra))
@@ -373,9 +391,10 @@ def test_decode_rewrites_slots_whose_cached_token_changed():
 
 
 @pytest.mark.usefixtures("every_step")
-def test_decode_with_left_padding_and_position_ids():
+@pytest.mark.parametrize("extra", [{}, {"offset_per_doubling": 0.3, "offset_reference_keys": 2}], ids=["paper", "offset-per-doubling"])
+def test_decode_with_left_padding_and_position_ids(extra):
     """Sequences padded by different amounts (ring offsets 3 and 0): each step equals the reference with its keys masked."""
-    module = make_module(physics())
+    module = make_module(physics(**extra))
     q, k, v = inputs(t=18, s=18, seed=6)
     pad = 3
     valid = torch.ones(2, 18, dtype=torch.bool)

@@ -62,6 +62,8 @@ def test_every_numeric_field_has_unit_and_source():
         ("attention: gaincell\ngaincell: {av_out: {low: -1, high: 1, levels: 1}}", "gaincell.av_out.levels"),
         ("attention: gaincell\ngaincell: {noise: {read_std: -0.1}}", "gaincell.noise.read_std"),
         ("attention: gaincell\ngaincell: {cell: cubic}", "gaincell.cell"),
+        ("attention: gaincell\ngaincell: {offset_per_doubling: -0.1}", "gaincell.offset_per_doubling"),
+        ("attention: gaincell\ngaincell: {offset_reference_keys: 0}", "gaincell.offset_reference_keys"),
         ("attention: quantum", "attention"),
     ],
 )

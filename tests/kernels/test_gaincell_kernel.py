@@ -132,6 +132,7 @@ def test_unsupported_configurations_are_named():
     noisy = physics(noise={"read_std": 0.01})
     assert "noise" in unsupported(noisy, q, k, v)
     assert unsupported(physics(normalize=True), q, k, v) is None
+    assert "offset_per_doubling" in unsupported(physics(offset_per_doubling=0.1), q, k, v)
     assert unsupported(cfg, *(x.requires_grad_() for x in (q, k, v))) is None  # training takes the kernel too
     assert "cache" in unsupported(cfg, q[:, :, -1:], k, v)
     assert "tokens_per_array" in unsupported(physics(tokens_per_array=8), q, k, v)

@@ -200,6 +200,19 @@ def test_hard_sigmoid_clamps_s_over_80_and_masks():
     assert hard_sigmoid(s, GainCell(score_offset=0.25), keep).tolist() == [[0.125, 0.75, 1.0, 0.0]]
 
 
+def test_hard_sigmoid_offset_falls_per_doubling_of_the_keys_seen():
+    """offset_per_doubling 0.25 beyond 1 key: a row seeing 3 of 4 keys is lowered by 0.25·log2(3), one seeing 1 key not at all."""
+    s = torch.tensor([[80.0, 40.0, 120.0, 60.0], [40.0, 40.0, 40.0, 40.0]])  # S/80 = 1, 0.5, 1.5, 0.75 and 0.5 …
+    keep = torch.tensor([[True, True, True, False], [True, False, False, False]])
+    cfg = GainCell(offset_per_doubling=0.25, offset_reference_keys=1)
+    low = 0.25 * math.log2(3)  # 0.396
+    assert torch.allclose(hard_sigmoid(s, cfg, keep), torch.tensor([[1 - low, 0.5 - low, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0]]))
+    paper = hard_sigmoid(s, cfg.model_copy(update={"offset_reference_keys": 4}), keep)  # at most 4 keys: the paper's HardSigmoid
+    assert paper.tolist() == [[1.0, 0.5, 1.0, 0.0], [0.5, 0.0, 0.0, 0.0]]
+    with pytest.raises(ValueError, match="keep"):
+        hard_sigmoid(s, cfg)
+
+
 def test_tile_readout_scales_by_one_fortieth_then_quantises():
     partial = torch.tensor([4.0, -12.0, 50.0])  # × 1/40 → 0.1, −0.3, 1.25 (clamped)
     assert tile_readout(partial, GainCell()).tolist() == pytest.approx([4 / 31, -10 / 31, 32 / 31])

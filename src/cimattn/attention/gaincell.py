@@ -15,6 +15,8 @@ index differences, so they need no position ids.  For each query:
    window (age = query position − key position < W; decay = exp(−rate·age));
 3. the HardSigmoid gives A = clamp(score_scale·S + score_offset, 0, 1),
    masked keys 0 — no softmax, no 1/√d (the model's `scaling` is ignored);
+   with `offset_per_doubling` (ours) the offset falls with the number of
+   keys the query sees beyond `offset_reference_keys`;
 4. each V tile integrates Σ_s cell(A, v, decay) over its own keys and is read
    out *per tile*: × av_tile_scale, clamp, quantise (av_out); the tiles are
    then summed digitally and pass the output scaler.

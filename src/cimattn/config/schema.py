@@ -131,6 +131,14 @@ class GainCell(Strict):
 
     score_scale: float = field(1 / 80, "1", LEROUX + ": A = clamp(S/80, 0, 1)", "HardSigmoid gain on the Q·Kᵀ score", gt=0)
     score_offset: float = field(0.0, "1", LEROUX, "HardSigmoid offset on the Q·Kᵀ score", ge=-10, le=10)
+    offset_per_doubling: float = field(
+        0.0, "1", "ours (off in the paper)",
+        "hardware variant: the HardSigmoid offset falls by this for each doubling of the keys a query sees beyond "
+        "offset_reference_keys (a per-row reference level the controller sets from the window occupancy), so the keys that "
+        "pass the HardSigmoid do not grow in proportion to the context", ge=0, le=1,
+    )
+    offset_reference_keys: int = field(256, "tokens", "ours", "keys a query may see before offset_per_doubling lowers its offset",
+                                       ge=1, le=1 << 20)
     av_tile_scale: float = field(1 / 40, "1", LEROUX + ": × 1/40 per A·V tile", "gain of each A·V tile's charge-to-pulse read-out", gt=0)
     normalize: bool = Field(
         False, description="hardware variant: an all-ones V column gives ΣA and the output is divided by it digitally (off in the paper)"

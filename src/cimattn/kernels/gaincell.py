@@ -56,6 +56,8 @@ def unsupported(
         return f"head dim {d}: the kernel holds a head in registers, at most {MAX_HEAD_DIM}"
     if cfg.noise.read_std or cfg.noise.cell_variability_std:
         return "gaincell.noise: read noise and cell variability take the torch path"
+    if cfg.offset_per_doubling:
+        return "gaincell.offset_per_doubling: the context-dependent HardSigmoid offset takes the torch path"
     if offsets is not None and bool(offsets.any()):
         return "position ids do not start at 0 (ring offsets): the torch path places the tokens"
     if keep is not None and not torch.equal(keep.expand(b, 1, t, t), _causal_window(t, cfg.window_tokens, keep.device).expand(b, 1, t, t)):
@@ -90,7 +92,7 @@ def gaincell_prefill(
     (GQA), head dim ≤ 256; S = T (no cache) and no padding; prompts longer
     than the window (ring-buffer laps share an array before its read-out);
     `cell` "linear" or "nonlinear" (default cfg.cell), leakage on or off,
-    any score scale / offset, A·V tile scale and av_out quantiser (levels or
+    any score scale / offset (not `offset_per_doubling`), A·V tile scale and av_out quantiser (levels or
     none), `normalize` on or off; tokens_per_array a power of two ≥ 16; no
     read noise, no cell variability.
 

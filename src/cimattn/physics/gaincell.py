@@ -277,10 +277,18 @@ def hard_sigmoid(
     No softmax, no normalisation, no 1/√d.  Read noise (read_std × the
     activation's full scale, 1) is added before the clamp, i.e. on the
     integrated charge, as the authors place their (unused) noise.
+    With `offset_per_doubling` β (ours), a query that sees n unmasked keys
+    (counted in `keep`, which must then be given) has its offset lowered by
+    β·log2(n / offset_reference_keys) when n exceeds the reference.
     """
     x = cfg.score_scale * scores
     if cfg.score_offset != 0.0:
         x = x + cfg.score_offset
+    if cfg.offset_per_doubling:
+        if keep is None:
+            raise ValueError("offset_per_doubling counts the keys a query sees: pass `keep`")
+        seen = keep.sum(-1, keepdim=True).to(x.dtype)
+        x = x - cfg.offset_per_doubling * torch.log2((seen / cfg.offset_reference_keys).clamp_min(1.0))
     x = read_noise(x, cfg.noise.read_std, generator)
     if x.requires_grad:
         a = x.clamp(0.0, 1.0)
