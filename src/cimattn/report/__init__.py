@@ -16,7 +16,7 @@ PPL_STAGES = {
     "ppl_digital": "digital",
     "ppl_hardware_initial": "converted",
     "ppl_linear_adapted": "linear cell, adapted",
-    "ppl_hardware_initialized": "initialization algorithm",
+    "ppl_hardware_initialized": "nonlinear cell (initialization algorithm unless skipped)",
     "ppl_hardware_layerwise": "layer-wise distillation",
     "ppl_hardware_adapted": "adapted",
 }
