@@ -167,7 +167,7 @@ def baseline(run: Run) -> str | None:
     if "ppl_digital" in run.metrics:
         return "reused"
     result = _perplexity(run, "digital baseline")
-    run.results.setdefault("ppl_by_position", {})["digital"] = list(result.by_position)
+    _record_by_position(run, "digital", result)
     run.metrics.update(
         ppl_digital=result.ppl,
         eval_tokens=result.eval_tokens,
@@ -217,7 +217,7 @@ def evaluate(run: Run) -> str | None:
     if run.hardware.attention == "digital" or "ppl_hardware_adapted" in run.metrics:
         return "reused"
     result = _hardware_perplexity(run, "adapted hardware model")
-    run.results.setdefault("ppl_by_position", {})["hardware_adapted"] = list(result.by_position)
+    _record_by_position(run, "hardware_adapted", result)
     run.metrics.update(
         ppl_hardware_adapted=result.ppl,
         ppl_ratio_adapted=result.ppl / run.metrics["ppl_digital"],
@@ -254,6 +254,11 @@ def _perplexity(run: Run, label: str):
     n = min(run.spec.eval_tokens, run.eval_ids.numel())
     with run.progress(f"perplexity: {label}", total=n) as advance:
         return perplexity(run.model, run.eval_ids, context=run.spec.context, eval_tokens=run.spec.eval_tokens, progress=advance)
+
+
+def _record_by_position(run: Run, model: str, result) -> None:
+    """Keep `result`'s perplexity by position in the window beside the run's other records, under `model`."""
+    run.results.setdefault("ppl_by_position", {})[model] = list(result.by_position)
 
 
 def _hardware_perplexity(run: Run, label: str):
@@ -384,7 +389,7 @@ def evaluate_models(
         key = "ppl_hardware_adapted" if adapted else "ppl_hardware_initial"
         result = _hardware_perplexity(run, key.removeprefix("ppl_").replace("_", " "))
         run.metrics[key] = result.ppl
-        run.results.setdefault("ppl_by_position", {})[key.removeprefix("ppl_")] = list(result.by_position)
+        _record_by_position(run, key.removeprefix("ppl_"), result)
         run.metrics["ppl_ratio"] = run.metrics[key] / run.metrics["ppl_digital"]
     run.save()
     return run.results
