@@ -209,11 +209,12 @@ def _ppl(nll: torch.Tensor) -> float:
 
 @torch.inference_mode()
 def position_nll(model: torch.nn.Module, batches: torch.Tensor, advance: Callable) -> torch.Tensor:
-    """(N, L−1) NLL of token i+1 given tokens 0..i, one sequence per forward (float32)."""
+    """(N, L−1) NLL of token i+1 given tokens 0..i, one sequence per forward (float32, on the CPU)."""
+    from cimattn.eval import token_nll
+
     rows = []
     for seq in batches:
-        logits = model(input_ids=seq[None], use_cache=False).logits[0, :-1].float()  # (L−1, V)
-        rows.append(-torch.log_softmax(logits, dim=-1).gather(-1, seq[1:, None]).squeeze(-1))
+        rows.append(token_nll(model, seq[None])[0].cpu())
         advance()
     return torch.stack(rows)
 

@@ -34,6 +34,23 @@ def test_gaincell_counts_at_the_paper_window():
     assert float(lat["digital tile sum"]) == pytest.approx(4e-9)  # log2(16) adder stages of 1 ns
 
 
+def test_gaincell_variants_normalisation_column_and_context_offset():
+    # gaincell-normalized: a ΣA column beside the 64 V columns (read, converted, summed, divided by) and the
+    # HardSigmoid reference set per query from the occupancy (a lookup and an add)
+    design = GainCellDesign.from_preset(load_preset("gaincell-normalized").gaincell)
+    assert design.normalize and design.context_offset
+    c, _, lat = hw.gaincell_query(P, design, 64, 1024)
+    assert float(c["qk_cell_reads"]) == 1024 * 64 and float(c["av_cell_reads"]) == 1024 * 65
+    assert float(c["adc_conversions"]) == 16 * 65 and float(c["q_dac_conversions"]) == 16 * 64
+    assert float(c["digital_ops"]) == (2 * 16 * 64 + 64) + (16 + 64) + 2
+    assert float(lat["digital tile sum"]) == pytest.approx(5e-9)  # the division: one clock after log2(16) stages
+    plain = decode(LEROUX, HEAD, 1024, hardware=load_preset("leroux-gaincell"))
+    variant = decode(LEROUX, HEAD, 1024, hardware=load_preset("gaincell-normalized"))
+    # one KV head: 16 V tiles, each with a 64-cell ΣA column
+    assert float(variant.area) - float(plain.area) == pytest.approx(16 * 64 * float(P["cell.area_m2"]))
+    assert float(variant.energy) > float(plain.energy) and float(variant.latency) > float(plain.latency)
+
+
 def test_gaincell_partial_window_and_model_scaling():
     # 100 tokens in a 128-token window of 64-token arrays: 2 tiles hold tokens
     design = GainCellDesign(window_tokens=128)

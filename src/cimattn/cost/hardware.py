@@ -61,12 +61,15 @@ class GainCellDesign:
     k_levels: int = 8
     v_levels: int = 8
     av_levels: int = 32
+    normalize: bool = False  # the ΣA column (ours): one more V column read and converted per tile, d divisions
+    context_offset: bool = False  # offset_per_doubling (ours): the HardSigmoid reference set per query from the occupancy
 
     @classmethod
     def from_preset(cls, gaincell) -> GainCellDesign:
         lv = lambda qz: qz.levels or UNQUANTISED_LEVELS
         return cls(gaincell.window_tokens, gaincell.tokens_per_array, gaincell.head_dim_per_array,
-                   lv(gaincell.q), lv(gaincell.k), lv(gaincell.v), lv(gaincell.av_out))
+                   lv(gaincell.q), lv(gaincell.k), lv(gaincell.v), lv(gaincell.av_out),
+                   gaincell.normalize, bool(gaincell.offset_per_doubling))
 
 
 def _t(x) -> torch.Tensor:
@@ -80,17 +83,23 @@ def gaincell_query(p: dict, design: GainCellDesign, head_dim: int, keys) -> tupl
     keys: tokens stored in the window (≤ window_tokens; a tensor for prefill sums).
     Empty columns are not read (gated); every tile holding a token is read and converted.
     Each K array has its own row DACs (arrays fire in parallel), so q is converted per tile.
+    The ΣA column (`normalize`) is read and converted with the V columns, its tile read-outs are
+    summed with theirs and the d outputs divided by it: one more adder-tree clock.  The
+    context-dependent offset (`context_offset`) is a lookup of β·log2(n / reference) by the window's
+    occupancy and one add to the charge-to-pulse reference word, per query.
     """
     n = torch.clamp(_t(keys), max=design.window_tokens)
     tiles = torch.ceil(n / design.tokens_per_array)
     d = head_dim
+    v_columns = d + 1 if design.normalize else d
     c = {
         "qk_cell_reads": n * d,
-        "av_cell_reads": n * d,
+        "av_cell_reads": n * v_columns,
         "charge_to_pulse": n,  # one per stored token: the HardSigmoid read-out of its score
-        "adc_conversions": tiles * d,  # each A·V tile's d outputs
+        "adc_conversions": tiles * v_columns,  # each A·V tile's outputs
         "q_dac_conversions": tiles * d,
-        "digital_ops": 2 * tiles * d + d,  # q routed to every tile, tile sums accumulated, output scaler
+        # q routed to every tile, tile sums accumulated (with the ΣA column's), output scaler (and the divisions)
+        "digital_ops": 2 * tiles * d + d + (tiles + d if design.normalize else 0) + (2 if design.context_offset else 0),
     }
     e = {
         "Q·Kᵀ array + charge-to-pulse": c["qk_cell_reads"] * p["cell.read_energy_j"] + c["charge_to_pulse"] * p["charge_to_pulse.energy_j"],
@@ -103,7 +112,7 @@ def gaincell_query(p: dict, design: GainCellDesign, head_dim: int, keys) -> tupl
         "query pulse (DAC)": (design.q_levels - 1) * p["dac.step_s"],
         "activation pulse (charge-to-pulse, drives A·V)": p["charge_to_pulse.latency_s"],
         "A·V ADC (single-slope)": (design.av_levels - 1) * p["adc.step_s"],
-        "digital tile sum": adder_stages * p["digital.adder_stage_latency_s"],
+        "digital tile sum": (adder_stages + (1 if design.normalize else 0)) * p["digital.adder_stage_latency_s"],
     }
     return c, e, lat
 
@@ -144,6 +153,8 @@ def gaincell_decode(p: dict, design: GainCellDesign, shape: ModelShape, context,
         latency["state reload"] = (bits / 8) / p["state_memory.bandwidth"] + mapping.passes * design.tokens_per_array * p["cell.write_latency_s"]
         counts["state_reload_bits"] = bits
     cells = mapping.arrays_used * design.tokens_per_array * design.head_dim_per_array
+    if design.normalize:  # one ΣA column beside each V tile of every (layer, KV head, copy) the arrays hold
+        cells = cells + mapping.arrays_used // (2 * mapping.slices) * design.tokens_per_array
     return Breakdown(
         energy, latency, {"gain-cell arrays (incl. periphery and digital)": cells * p["cell.area_m2"]}, counts,
         pipelined="all heads' and tiles' arrays fire in parallel; layers run one after another (each needs the previous "

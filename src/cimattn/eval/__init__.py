@@ -6,7 +6,8 @@ from cimattn.eval.perplexity import (
     PerplexityResult,
     max_context,
     perplexity,
+    token_nll,
     window_bounds,
 )
 
-__all__ = ["generate_text", "DEFAULT_CONTEXT", "PerplexityResult", "max_context", "perplexity", "window_bounds"]
+__all__ = ["generate_text", "DEFAULT_CONTEXT", "PerplexityResult", "max_context", "perplexity", "token_nll", "window_bounds"]

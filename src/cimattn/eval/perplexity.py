@@ -82,7 +82,7 @@ def perplexity(
     try:
         with torch.inference_mode():
             for batch, start in _batches(ids, bounds, batch_size):
-                nll = _token_nll(model, batch.to(_device(model)), start)
+                nll = token_nll(model, batch, start)
                 nll_sum += nll.sum(dtype=torch.float64).item()
                 scored += nll.numel()
                 position_nll[1 : nll.shape[1] + 1] += nll.sum(0, dtype=torch.float64).cpu()
@@ -145,9 +145,12 @@ def _batches(ids: torch.Tensor, bounds: list[tuple[int, int]], batch_size: int) 
         yield ids[s:e][None], s
 
 
-def _token_nll(model, batch: torch.Tensor, start: int) -> torch.Tensor:
-    """NLL (B, L-1) of every token but each window's first, in float32 whatever the model's dtype."""
-    logits = model(input_ids=batch, use_cache=False).logits
+def token_nll(model, batch: torch.Tensor, start: int = 0) -> torch.Tensor:
+    """NLL (B, L-1) of every token but each window's first, in float32 whatever the model's dtype, on the model's device.
+
+    `start`: where the window begins in the text, for the error a NaN/Inf logit raises.
+    """
+    logits = model(input_ids=batch.to(_device(model)), use_cache=False).logits
     if not torch.isfinite(logits).all():
         raise CimattnError(
             f"model produced NaN/Inf logits in the window from token {start}: "
