@@ -349,3 +349,56 @@ def test_replaying_takes_no_budget_and_known_stages_only(tmp_path):
         adapt_model(student, teacher, ids(), hw, budget_s=10.0, steps={"finetune": 1}, **kwargs)
     with pytest.raises(CimattnError, match="unknown adaptation stages"):
         adapt_model(student, teacher, ids(), hw, budget_s=None, steps={"warmup": 1}, **kwargs)
+
+
+def test_hidden_state_matching_adds_each_layers_normalised_error_to_the_kl():
+    from cimattn.adapt.distill import distill_loss
+
+    student, teacher = pair(hardware())
+    batch = sample_windows(ids(), 2, 32, 0, 0)
+    with torch.no_grad():
+        s, t = student(batch, output_hidden_states=True), teacher(batch, output_hidden_states=True)
+        layers = [((a - b).pow(2).mean() / b.var()).item() for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])]
+        kl = kl_loss(s.logits, t.logits).item()
+        assert distill_loss(student, teacher, batch).item() == pytest.approx(kl, rel=1e-6)
+        assert distill_loss(student, teacher, batch, 0.5).item() == pytest.approx(kl + 0.5 * sum(layers) / len(layers), rel=1e-5)
+    assert len(layers) == teacher.config.num_hidden_layers and min(layers) > 0
+    # the hidden term reaches the scalers' gradients too, and training with it lowers the loss
+    hw = hardware(lr=3e-2, hidden_weight=1.0)
+    losses = distill(student, teacher, ids(), hw.adapt, stage="t", parameters=trainable_parameters(student, "scalers"), steps=25,
+                     budget_s=None, checkpoint_dir=_tmp(), seed=0, progress=no_progress)
+    assert sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_teacher_text_is_sampled_once_from_the_seed_and_read_back(tmp_path, monkeypatch):
+    from cimattn.adapt.distill import TEACHER_TEXT, teacher_text
+
+    _, teacher = pair(hardware())
+    corpus = ids()
+    text = teacher_text(teacher, corpus, 200, 40, 0, tmp_path / "a", no_progress, prompt_tokens=8)
+    assert text.shape == (200,) and text.dtype == torch.long  # 5 rows of 40 tokens
+    rows = text.reshape(5, 40)
+    starts = torch.linspace(0, corpus.numel() - 8, 5).long()
+    assert all(torch.equal(rows[i, :8], corpus[s : s + 8]) for i, s in enumerate(starts.tolist()))  # prompted by the corpus
+    assert not torch.equal(rows[0, 8:], corpus[8:40])  # then the teacher's own tokens
+    assert torch.equal(teacher_text(teacher, corpus, 200, 40, 0, tmp_path / "b", no_progress, prompt_tokens=8), text)  # seeded
+    assert not torch.equal(teacher_text(teacher, corpus, 200, 40, 1, tmp_path / "c", no_progress, prompt_tokens=8), text)
+    assert (tmp_path / "a" / TEACHER_TEXT).is_file()
+    monkeypatch.setattr(teacher, "generate", lambda *a, **k: pytest.fail("a resumed run samples again"))
+    assert torch.equal(teacher_text(teacher, corpus, 200, 40, 0, tmp_path / "a", no_progress, prompt_tokens=8), text)
+
+
+def test_adaptation_on_teacher_text_reads_only_what_the_teacher_wrote(tmp_path, monkeypatch):
+    from cimattn.adapt import distill as d
+
+    seen = []
+    real = d.sample_windows
+    monkeypatch.setattr(d, "sample_windows", lambda data, *a: seen.append(data) or real(data, *a))
+    hw = hardware(data="teacher", teacher_tokens=256, finetune_steps=2)
+    student, teacher = pair(hw)
+    corpus = ids()
+    adapt_model(student, teacher, corpus, hw, budget_s=None, context=32, checkpoint_dir=tmp_path, progress=no_progress,
+                evaluate=lambda label: 0.0)
+    sampled = d.teacher_text(teacher, corpus, 256, 32, 0, tmp_path, no_progress)  # kept in the adapted directory: read back
+    assert sampled.numel() == 256 and seen and all(data is not corpus and torch.equal(data, sampled) for data in seen)
+    assert (tmp_path / d.TEACHER_TEXT).is_file()

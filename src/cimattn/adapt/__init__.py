@@ -15,7 +15,9 @@ Stages, each resumable from the adapted directory:
 A preset whose cell is linear skips the linear fine-tuning and `init`;
 `Adapt.skip` names other stages not to run (the nonlinear model is still
 measured where `init` would have ended, and the budget shares of skipped
-stages go to the later ones).
+stages go to the later ones).  Every stage reads the calibration text, or with
+`Adapt.data: teacher` a sample of the teacher's own distribution
+(`distill.teacher_text`, drawn once and kept in the adapted directory).
 
 With a wall-clock budget, how many steps each stage gets depends on the
 machine.  Every run records the counts it ran (`adapt_steps`, beside its
@@ -89,7 +91,6 @@ def adapt_model(
         raise CimattnError(f"unknown adaptation stages {sorted(set(steps) - set(STEP_COUNTS))} in the step counts; known: {STEP_COUNTS}")
     recipe = hardware.adapt.model_copy(update={"calib_context": hardware.adapt.calib_context or context})
     started = time.perf_counter()
-    batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context).to(next(model.parameters()).device)
     final_cell = hardware.gaincell.cell
     state = checkpoint.read_state(checkpoint_dir)
     if state:  # resume: the parameters of the last finished stage
@@ -97,6 +98,9 @@ def adapt_model(
         set_cell(model, state["cell"])
     if state.get("done"):
         return _result(state)
+    if recipe.data == "teacher":  # every stage reads the teacher's own text instead (sampled once, inside the budget)
+        calib_ids = distill.teacher_text(teacher, calib_ids, recipe.teacher_tokens, recipe.calib_context, seed, checkpoint_dir, progress)
+    batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context).to(next(model.parameters()).device)
 
     evaluating = [0.0]  # seconds spent measuring perplexity: reported, not charged to the budget
 

@@ -8,6 +8,8 @@ An adapted directory holds:
                           tensors and step in one file, so one atomic write
                           makes a consistent checkpoint; removed once the
                           stage's result is saved
+  teacher-text.safetensors with `data: teacher`, the text sampled from the
+                          teacher that every stage reads
 Every file is written atomically: a kill leaves the previous version.
 """
 

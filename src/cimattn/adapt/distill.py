@@ -2,7 +2,10 @@
 
 Hardware in the loop: the student runs its simulated attention forward and
 backward (straight-through quantisers, surrogate cell gradient).  Accelerate
-places the work, so the same code runs on the CPU, one GPU or several.
+places the work, so the same code runs on the CPU, one GPU or several.  The
+loss is the KL on logits, plus (recipe `hidden_weight`) the normalised MSE of
+every decoder layer's hidden state.  The text is the corpus or, with recipe
+`data: teacher`, a sample of the teacher's own distribution (`teacher_text`).
 
 Reproducible and resumable: the windows of step i depend only on (seed, i),
 and parameters, optimizer state and step are checkpointed together in one
@@ -18,11 +21,18 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from safetensors.torch import load, save
+
 from cimattn.adapt import checkpoint
+from cimattn.adapt.layerwise import normalised_mse
 from cimattn.config import Adapt
 from cimattn.models.convert import gradients_only_for
+from cimattn.storage import atomic_write_bytes
 
 CHECKPOINT_EVERY_S = 30.0  # wall-clock between checkpoints: bounds the work a kill loses
+TEACHER_TEXT = "teacher-text.safetensors"  # the sampled text of `data: teacher`, in the adapted directory
+PROMPT_TOKENS = 16  # corpus tokens that start each teacher-sampled sequence
+TEACHER_ROWS_PER_CALL = 32  # sequences sampled together (one batched generate)
 PLAN_AFTER_STEPS = 3  # a budget becomes a step count from the steps after the first (which pays one-off set-up costs)
 
 
@@ -39,6 +49,53 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
     t = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
+
+
+def distill_loss(student, teacher, batch: torch.Tensor, hidden_weight: float = 0.0) -> torch.Tensor:
+    """KL on the logits of `batch`, plus `hidden_weight` × the mean over decoder layers of their hidden states'
+    normalised MSE (the embeddings, identical in both models, left out)."""
+    hidden = hidden_weight > 0
+    with torch.no_grad():
+        target = teacher(batch, output_hidden_states=hidden)
+    out = student(batch, output_hidden_states=hidden)
+    loss = kl_loss(out.logits, target.logits)
+    if hidden:
+        pairs = list(zip(out.hidden_states[1:], target.hidden_states[1:]))
+        loss = loss + hidden_weight * sum(normalised_mse(s, t) for s, t in pairs) / len(pairs)
+    return loss
+
+
+def teacher_text(teacher: torch.nn.Module, prompts_from: torch.Tensor, tokens: int, context: int, seed: int,
+                 checkpoint_dir: Path, progress, prompt_tokens: int = PROMPT_TOKENS) -> torch.Tensor:
+    """(≥ tokens,) a token stream sampled from `teacher` at temperature 1: rows of `context` tokens, each the
+    continuation of `prompt_tokens` taken from evenly spaced places of `prompts_from` (prompts included).
+
+    A function of (teacher, prompts, seed); saved in `checkpoint_dir`, so a resumed run reads it back.
+    """
+    path = Path(checkpoint_dir) / TEACHER_TEXT
+    if path.is_file():
+        return load(path.read_bytes())["ids"]
+    context = min(context, prompts_from.numel())
+    prompt_tokens = min(prompt_tokens, context - 1)
+    rows = -(-tokens // context)
+    starts = torch.linspace(0, prompts_from.numel() - prompt_tokens, rows).long().tolist()
+    prompts = torch.stack([prompts_from[s : s + prompt_tokens] for s in starts])
+    device = next(teacher.parameters()).device
+    new = context - prompt_tokens
+    pad = teacher.config.eos_token_id if isinstance(teacher.config.eos_token_id, int) else 0
+    chunks = []
+    with progress("sample text from the teacher", total=rows) as advance, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        for chunk in prompts.split(TEACHER_ROWS_PER_CALL):
+            ids = chunk.to(device)
+            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                                   max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+            chunks.append(out.cpu())
+            advance(len(chunk))
+    stream = torch.cat(chunks).reshape(-1).contiguous()
+    Path(checkpoint_dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, save({"ids": stream}))
+    return stream
 
 
 def distill(
@@ -85,9 +142,7 @@ def distill(
         while planned is None or step < planned:
             t0 = time.perf_counter()
             batch = sample_windows(ids, recipe.batch_size, recipe.calib_context, seed, step).to(accelerator.device)
-            with torch.no_grad():
-                target = teacher(batch).logits
-            loss = kl_loss(prepared(batch).logits, target)
+            loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), recipe.grad_clip)
             for group in optimizer.param_groups:

@@ -360,6 +360,16 @@ class Adapt(Strict):
         "and low-rank adapters on the attention projections (ours: a few MB to ship); those and the full projections; everything",
     )
     lora_rank: int = Field(16, ge=1, le=1024, description="rank of the LoRA adapters when train is 'lora' [1]")
+    data: Literal["corpus", "teacher"] = Field(
+        "corpus", description="text every adaptation stage reads: the bundled corpus' training works, or text sampled from "
+        "the digital teacher (temperature 1, each sequence prompted by the corpus; no data needed beyond a few prompts)",
+    )
+    teacher_tokens: int = Field(8192, ge=64, description="tokens of teacher-sampled text when data is 'teacher' [tokens]")
+    hidden_weight: float = Field(
+        0.0, ge=0, description="weight of hidden-state matching in distillation fine-tuning: the KL on logits plus this × "
+        "the mean over decoder layers of the MSE between student and teacher hidden states, normalised by the teacher's "
+        "variance; 0 = logits only [1]",
+    )
     skip: list[Literal["linear_finetune", "init", "layerwise", "finetune"]] = Field(
         [], description="stages not run (their budget share goes to the later ones): the linear model's fine-tuning, "
         "the initialization algorithm, layer-wise distillation, end-to-end fine-tuning",
