@@ -157,6 +157,8 @@ def load(run: Run) -> None:
     run.results["data"] = {
         "eval": f"user text {run.spec.text}" if run.spec.text else "bundled corpus, held-out works",
         "calib": "bundled corpus, training works",
+        **({"adapt": f"{run.hardware.adapt.teacher_tokens} tokens sampled from the teacher, prompted by the calib text"}
+           if run.hardware.attention == "gaincell" and run.hardware.adapt.data == "teacher" else {}),
         "eval_tokens_available": int(run.eval_ids.numel()),
         "calib_tokens_available": int(run.calib_ids.numel()),
     }

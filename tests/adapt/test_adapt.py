@@ -351,14 +351,18 @@ def test_replaying_takes_no_budget_and_known_stages_only(tmp_path):
         adapt_model(student, teacher, ids(), hw, budget_s=None, steps={"warmup": 1}, **kwargs)
 
 
-def test_hidden_state_matching_adds_each_layers_normalised_error_to_the_kl():
-    from cimattn.adapt.distill import distill_loss
+def test_hidden_state_matching_adds_each_layers_relative_error_to_the_kl():
+    from cimattn.adapt.distill import distill_loss, relative_error
+
+    # per token ‖h − t‖² / ‖t‖²: token 0 exact, token 1 wholly missing (1), a massive token weighs like any other
+    target = torch.tensor([[[3.0, 4.0], [1.0, 0.0], [0.0, 24000.0]]])
+    assert relative_error(torch.tensor([[[3.0, 4.0], [0.0, 0.0], [0.0, 12000.0]]]), target).item() == pytest.approx((0 + 1 + 0.25) / 3)
 
     student, teacher = pair(hardware())
     batch = sample_windows(ids(), 2, 32, 0, 0)
     with torch.no_grad():
         s, t = student(batch, output_hidden_states=True), teacher(batch, output_hidden_states=True)
-        layers = [((a - b).pow(2).mean() / b.var()).item() for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])]
+        layers = [((a - b).pow(2).sum(-1) / b.pow(2).sum(-1)).mean().item() for a, b in zip(s.hidden_states[1:], t.hidden_states[1:])]
         kl = kl_loss(s.logits, t.logits).item()
         assert distill_loss(student, teacher, batch).item() == pytest.approx(kl, rel=1e-6)
         assert distill_loss(student, teacher, batch, 0.5).item() == pytest.approx(kl + 0.5 * sum(layers) / len(layers), rel=1e-5)

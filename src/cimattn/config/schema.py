@@ -367,8 +367,7 @@ class Adapt(Strict):
     teacher_tokens: int = Field(8192, ge=64, description="tokens of teacher-sampled text when data is 'teacher' [tokens]")
     hidden_weight: float = Field(
         0.0, ge=0, description="weight of hidden-state matching in distillation fine-tuning: the KL on logits plus this × "
-        "the mean over decoder layers of the MSE between student and teacher hidden states, normalised by the teacher's "
-        "variance; 0 = logits only [1]",
+        "the mean over decoder layers and tokens of ‖student − teacher hidden state‖² / ‖teacher hidden state‖²; 0 = logits only [1]",
     )
     skip: list[Literal["linear_finetune", "init", "layerwise", "finetune"]] = Field(
         [], description="stages not run (their budget share goes to the later ones): the linear model's fine-tuning, "
