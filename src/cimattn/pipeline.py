@@ -6,7 +6,8 @@ rewritten atomically, so a killed run leaves the last finished stage on
 disk.  Rerunning the same command into the same directory resumes: each
 stage skips the measurements it already holds (when the spec and hardware
 are unchanged) and rebuilds only the model state later stages need, the
-adaptation resuming from its checkpoints in `DIR/adapted/`.
+adaptation resuming from its checkpoints in `DIR/adapted/` (removed when
+another configuration made them).
 
 A stage that cimattn does not have yet is absent from the results, never faked.
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import shutil
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -289,6 +291,7 @@ def run_pipeline(
     out.mkdir(parents=True, exist_ok=True)
     previous = read_json(out / RESULTS) if (out / RESULTS).is_file() else None
     run = Run(spec=spec, hardware=hardware, progress=progress, results=new_results(spec, hardware, previous))
+    _drop_stale_adaptation(run, previous, log)
     if run.results["measured_by"] != run.results["git_commit"] and run.results["metrics"]:
         log(f"resuming measurements made by commit {run.results['measured_by']} (this is {run.results['git_commit']}): "
             f"remove {out} for a fresh run with this code")
@@ -308,6 +311,18 @@ def run_pipeline(
     run.results["timings"]["total"] = round(time.perf_counter() - started, 3)
     run.save()
     return run.results
+
+
+def _drop_stale_adaptation(run: Run, previous: dict | None, log: Callable[[str], None]) -> None:
+    """Remove DIR/adapted/ when another configuration made it: its checkpoints would resume (or, finished, stand in for)
+    an adaptation this run's spec and hardware never ran.  The run's results.json records which configuration that was."""
+    adapted = run.out / ADAPTED
+    if not adapted.exists() or (previous is not None and previous.get("config_hash") == run.results["config_hash"]):
+        return
+    if previous is None:
+        raise CimattnError(f"{adapted} has no {RESULTS} beside it to say which run made it: remove it, or give another --out")
+    shutil.rmtree(adapted)
+    log(f"{adapted}: made by another configuration ({previous.get('config_hash')}), removed; adapting afresh")
 
 
 def _timed(run: Run, name: str, stage: Callable[[Run], str | None], log: Callable[[str], None]) -> None:

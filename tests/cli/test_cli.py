@@ -231,3 +231,23 @@ def test_resumed_results_name_the_commit_that_measured_them(monkeypatch):
     assert pipeline.new_results(spec, hw, again)["measured_by"] == "aaa"  # still the first run's code
     other = pipeline.new_results(pipeline.RunSpec(seed=1), hw, again)  # another spec: nothing reused
     assert (other["measured_by"], other["metrics"]) == ("bbb", {})
+
+
+def test_a_rerun_with_another_configuration_adapts_afresh(cli, tmp_path):
+    """DIR/adapted/ belongs to the configuration that made it: another preset (or budget, seed, …) into the same DIR
+    must not resume from it, nor take its finished parameters for its own."""
+    common = ["--model", "tiny-llama", "--eval-tokens", 128, "--context", 32, "--out", tmp_path / "run", "--quiet"]
+    presets = {}
+    for name, window in (("a", 64), ("b", 32)):
+        presets[name] = tmp_path / f"{name}.yaml"
+        presets[name].write_text(f"attention: gaincell\ngaincell: {{window_tokens: {window}, tokens_per_array: 16}}\n"
+                                 "adapt: {calib_tokens: 64, calib_context: 32, init_iterations: 2, finetune_steps: 1}\n")
+    assert cli("adapt", *common, "--preset", presets["a"])[0] == 0
+    first = (tmp_path / "run" / "adapted" / "preset.yaml").read_text()
+    code, _, err = cli("adapt", *common, "--preset", presets["b"])
+    assert code == 0, err
+    assert (tmp_path / "run" / "adapted" / "preset.yaml").read_text() != first  # adapted for b, not a's reused
+    assert "window_tokens: 32" in (tmp_path / "run" / "adapted" / "preset.yaml").read_text()
+    (tmp_path / "run" / "results.json").unlink()  # an adapted/ nobody can vouch for: one clear line, nothing removed
+    code, _, err = cli("adapt", *common, "--preset", presets["a"])
+    assert code == 2 and "no results.json" in err and (tmp_path / "run" / "adapted").is_dir()
