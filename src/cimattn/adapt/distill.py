@@ -20,7 +20,6 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
 from safetensors.torch import load, save
 
 from cimattn.adapt import checkpoint
@@ -82,6 +81,8 @@ def teacher_text(teacher: torch.nn.Module, prompts_from: torch.Tensor, tokens: i
 
     A function of (teacher, prompts, seed); saved in `checkpoint_dir`, so a resumed run reads it back.
     """
+    from transformers import GenerationConfig
+
     path = Path(checkpoint_dir) / TEACHER_TEXT
     if path.is_file():
         return load(path.read_bytes())["ids"]
@@ -92,14 +93,17 @@ def teacher_text(teacher: torch.nn.Module, prompts_from: torch.Tensor, tokens: i
     prompts = torch.stack([prompts_from[s : s + prompt_tokens] for s in starts])
     device = next(teacher.parameters()).device
     new = context - prompt_tokens
-    pad = teacher.config.eos_token_id if isinstance(teacher.config.eos_token_id, int) else 0
+    eos = teacher.config.eos_token_id  # an id, a list of ids or None; suppressed by min_new_tokens: rows of equal length
+    pad = eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else 0
+    # the teacher's own distribution: none of a hub model's generation defaults (repetition penalty, top-k, …)
+    sampling = GenerationConfig(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, max_new_tokens=new, min_new_tokens=new,
+                                pad_token_id=pad, eos_token_id=eos)
     chunks = []
     with progress("sample text from the teacher", total=rows) as advance, torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         for chunk in prompts.split(TEACHER_ROWS_PER_CALL):
             ids = chunk.to(device)
-            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                                   max_new_tokens=new, min_new_tokens=new, pad_token_id=pad)
+            out = teacher.generate(ids, attention_mask=torch.ones_like(ids), generation_config=sampling)
             chunks.append(out.cpu())
             advance(len(chunk))
     stream = torch.cat(chunks).reshape(-1).contiguous()
