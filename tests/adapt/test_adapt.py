@@ -406,3 +406,24 @@ def test_adaptation_on_teacher_text_reads_only_what_the_teacher_wrote(tmp_path, 
     sampled = d.teacher_text(teacher, corpus, 256, 32, 0, tmp_path, no_progress)  # kept in the adapted directory: read back
     assert sampled.numel() == 256 and seen and all(data is not corpus and torch.equal(data, sampled) for data in seen)
     assert (tmp_path / d.TEACHER_TEXT).is_file()
+
+
+def test_layerwise_steps_read_seeded_draws_of_a_larger_batch(monkeypatch):
+    from cimattn.adapt import layerwise
+
+    hw = hardware(calib_tokens=256, layerwise_tokens=64)  # 8 rows of 32 tokens; each step reads 2 of them
+    student, teacher = pair(hw)
+    captured = layerwise.capture_teacher(teacher, calibration_batch(ids(), 256, 32))
+    seen = []
+    real = layerwise.normalised_mse
+    monkeypatch.setattr(layerwise, "normalised_mse", lambda out, target: seen.append(target) or real(out, target))
+    layerwise.train_layers(student, captured, hw.adapt, steps_per_layer=6, progress=no_progress)
+    first = captured.targets[min(captured.targets)]
+    drawn = [tuple(i for i in range(8) if any(torch.equal(first[i], row) for row in t)) for t in seen[:6]]
+    assert all(t.shape[0] == 2 for t in seen) and all(len(rows) == 2 for rows in drawn)
+    assert len(set(drawn)) > 1  # other rows each step: the layer sees the whole batch over its steps
+    again = layerwise.step_rows(captured.hidden, hw.adapt, 0, min(captured.targets))
+    assert [tuple(again(step).tolist()) for step in range(6)] == drawn  # a function of (seed, layer, step)
+    seen.clear()
+    layerwise.train_layers(student, captured, hardware(calib_tokens=256).adapt, steps_per_layer=1, progress=no_progress)
+    assert all(t.shape[0] == 8 for t in seen)  # unset: every step reads the whole batch, as before

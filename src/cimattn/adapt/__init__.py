@@ -168,7 +168,7 @@ def adapt_model(
             else:
                 per_layer = int(budget / len(captured.targets) / layerwise.time_one_step(model, captured, recipe)) if budget else 0
             state = checkpoint.update_state(checkpoint_dir, layerwise_steps=per_layer)
-        errors = layerwise.train_layers(model, captured, recipe, steps_per_layer=per_layer, progress=progress)
+        errors = layerwise.train_layers(model, captured, recipe, steps_per_layer=per_layer, progress=progress, seed=seed)
         entries = {"layerwise_error": [last for _, last in errors], "ppl_hardware_layerwise": measured("layer-wise distillation")} if errors else {}
         state = finish("layerwise", final_cell, **entries)
     if not state.get("finetune"):

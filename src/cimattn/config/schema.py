@@ -339,6 +339,11 @@ class Adapt(Strict):
     layerwise_steps: int = Field(0, ge=0, description="layer-wise distillation steps per layer without --budget (0 = skip) [steps]")
     finetune_steps: int = Field(0, ge=0, description="distillation fine-tuning steps without --budget (0 = skip) [steps]")
     lr: float = Field(6e-4, gt=0, lt=1, description="AdamW learning rate of the distillation fine-tuning — " + LEROUX)
+    layerwise_tokens: int | None = Field(
+        None, ge=1, description="tokens each layer-wise step reads: whole rows of the calibration batch, drawn anew each step "
+        "(seeded); null = the whole batch. Below calib_tokens, a long layer-wise stage sees more text than one step holds "
+        "instead of fitting one small batch [tokens]",
+    )
     layerwise_lr: float = Field(
         3e-3, gt=0, lt=1,
         description="AdamW learning rate of the layer-wise distillation (ours: on SmolLM2-135M layers 5 and 15 it reached 2–5× lower error than 6e-4 in 120 steps)",
