@@ -176,11 +176,10 @@ def _train(attention, args, kwargs, target, recipe: Adapt, steps: int, advance, 
     optimizer = adamw(named, recipe)
     attention.train()
     losses = []
-    n = target.shape[0]
     with gradients_only_for(attention, params):
         for step in range(steps):
-            rows = draw(step)
-            loss = normalised_mse(attention(*take_rows(args, rows, n), **take_rows(kwargs, rows, n))[0], take_rows(target, rows, n))
+            a, k, t = take_rows((args, kwargs, target), draw(step), target.shape[0])
+            loss = normalised_mse(attention(*a, **k)[0], t)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
@@ -198,8 +197,8 @@ def time_one_step(model: torch.nn.Module, captured: Captured, recipe: Adapt) -> 
     """
     layer, block, attention = decoder_layers(model)[0]
     args, kwargs = attention_inputs(block, attention, captured.hidden, captured.layer_calls[layer])
-    rows, n = step_rows(captured.hidden, recipe, 0, layer)(0), captured.hidden.shape[0]
-    args, kwargs, target = take_rows(args, rows, n), take_rows(kwargs, rows, n), take_rows(captured.targets[layer], rows, n)
+    rows = step_rows(captured.hidden, recipe, 0, layer)(0)
+    args, kwargs, target = take_rows((args, kwargs, captured.targets[layer]), rows, captured.hidden.shape[0])
     attention = copy.deepcopy(attention)
     for _ in range(2):
         t0 = time.perf_counter()
