@@ -427,3 +427,61 @@ def test_layerwise_steps_read_seeded_draws_of_a_larger_batch(monkeypatch):
     seen.clear()
     layerwise.train_layers(student, captured, hardware(calib_tokens=256).adapt, steps_per_layer=1, progress=no_progress)
     assert all(t.shape[0] == 8 for t in seen)  # unset: every step reads the whole batch, as before
+
+
+def test_layerwise_stage_reads_its_own_text_and_the_statistics_stages_the_batch(tmp_path, monkeypatch):
+    from cimattn.adapt import layerwise
+    from cimattn.adapt.initialize import fit_scalers
+
+    captured, fitted = [], []
+    real_capture, real_fit = layerwise.capture_teacher, fit_scalers
+    monkeypatch.setattr(layerwise, "capture_teacher", lambda teacher, batch: captured.append(batch) or real_capture(teacher, batch))
+    monkeypatch.setattr("cimattn.adapt.fit_scalers", lambda model, batch, targets: fitted.append(batch) or real_fit(model, batch, targets))
+    hw = hardware(calib_tokens=64, layerwise_text_tokens=256, layerwise_tokens=64, layerwise_steps=1)
+    student, teacher = pair(hw)
+    corpus = ids()
+    adapt_model(student, teacher, corpus, hw, budget_s=None, context=32, checkpoint_dir=tmp_path, progress=no_progress,
+                evaluate=lambda label: 0.0)
+    assert [b.shape for b in fitted] == [(2, 32)] and torch.equal(fitted[0].flatten(), corpus[:64])
+    assert [b.shape for b in captured] == [(8, 32)] and torch.equal(captured[0].flatten(), corpus[:256])
+
+
+def test_end_to_end_fine_tuning_reads_windows_of_its_own_length(tmp_path, monkeypatch):
+    from cimattn.adapt import distill as d
+
+    lengths = []
+    real = d.sample_windows
+    monkeypatch.setattr(d, "sample_windows", lambda data, batch, context, *a: lengths.append(context) or real(data, batch, context, *a))
+    hw = hardware(finetune_context=48, finetune_steps=2, layerwise_steps=0)  # the statistics stages read rows of 32
+    student, teacher = pair(hw)
+    adapt_model(student, teacher, ids(), hw, budget_s=None, context=32, checkpoint_dir=tmp_path, progress=no_progress,
+                evaluate=lambda label: 0.0, steps={"linear_finetune": 2, "finetune": 2})
+    assert lengths == [32, 32, 48, 48]  # the linear model's two steps, then the end-to-end ones
+
+
+def test_an_adaptation_window_beyond_the_models_positions_is_a_clear_error(tmp_path):
+    from cimattn.errors import CimattnError
+
+    hw = hardware(finetune_context=8192)
+    student, teacher = pair(hw)  # tiny-llama: 4,096 positions
+    with pytest.raises(CimattnError, match="finetune_context 8192 is longer than the model's 4096 positions"):
+        adapt_model(student, teacher, ids(), hw, budget_s=None, context=32, checkpoint_dir=tmp_path, progress=no_progress,
+                    evaluate=lambda label: 0.0)
+
+
+def test_the_recipe_splits_a_budget_between_the_training_stages(tmp_path, monkeypatch):
+    from cimattn.adapt import distill as d
+    from cimattn.adapt import layerwise
+
+    budgets, planned = {}, []
+    monkeypatch.setattr(d, "distill", lambda *a, stage, budget_s, **k: budgets.setdefault(stage, budget_s) and [])
+    monkeypatch.setattr(layerwise, "time_one_step", lambda *a: 0.01)
+    monkeypatch.setattr(layerwise, "train_layers", lambda *a, steps_per_layer, **k: planned.append(steps_per_layer) or [])
+    hw = hardware(linear_budget_share=0.2, layerwise_budget_share=0.25)
+    student, teacher = pair(hw)
+    adapt_model(student, teacher, ids(), hw, budget_s=100.0, context=32, checkpoint_dir=tmp_path, progress=no_progress,
+                evaluate=lambda label: 0.0)
+    assert 0.2 * 90 < budgets["linear"] <= 0.2 * 100  # of what the calibration left
+    # the stages above spent (almost) nothing: the layer-wise stage plans its share of what is left, per layer of 2
+    assert 0.25 * 90 / 2 / 0.01 < planned[0] <= 0.25 * 100 / 2 / 0.01
+    assert 90 < budgets["finetune"] <= 100  # and the end-to-end stage all that is left (here almost all of it)

@@ -44,6 +44,7 @@ from cimattn.adapt.initialize import (
 )
 from cimattn.config import HardwareConfig, load_preset
 from cimattn.errors import CimattnError
+from cimattn.eval.perplexity import max_context
 from cimattn.models.convert import (
     hardware_state_dict,
     load_hardware_state,
@@ -52,10 +53,8 @@ from cimattn.models.convert import (
 )
 
 STEP_COUNTS = ("calibration", "linear_finetune", "init", "layerwise", "finetune")  # the stages `adapt_steps` counts
-# Shares of the wall-clock budget left when each stage starts:
-LINEAR_BUDGET_SHARE = 0.15  # fine-tuning the linear model (the paper's step 1)
-LAYERWISE_BUDGET_SHARE = 0.5  # layer-wise distillation; end-to-end fine-tuning takes the rest (measured best of 0.5 / 0.8)
-CALIBRATION_BUDGET_SHARE = 0.15  # of the whole budget, at most, for each statistics-matching stage
+# of the whole budget, at most, for each statistics-matching stage (the training stages' shares are the recipe's)
+CALIBRATION_BUDGET_SHARE = 0.15
 
 
 def calibration_batch(ids: torch.Tensor, tokens: int, context: int) -> torch.Tensor:
@@ -90,6 +89,10 @@ def adapt_model(
     if steps is not None and set(steps) - set(STEP_COUNTS):
         raise CimattnError(f"unknown adaptation stages {sorted(set(steps) - set(STEP_COUNTS))} in the step counts; known: {STEP_COUNTS}")
     recipe = hardware.adapt.model_copy(update={"calib_context": hardware.adapt.calib_context or context})
+    limit = max_context(model)
+    for name in ("calib_context", "finetune_context"):
+        if limit is not None and (getattr(recipe, name) or 0) > limit:
+            raise CimattnError(f"adapt.{name} {getattr(recipe, name)} is longer than the model's {limit} positions: lower it in the preset")
     started = time.perf_counter()
     final_cell = hardware.gaincell.cell
     state = checkpoint.read_state(checkpoint_dir)
@@ -99,7 +102,8 @@ def adapt_model(
     if state.get("done"):
         return _result(state)
     if recipe.data == "teacher":  # every stage reads the teacher's own text instead (sampled once, inside the budget)
-        calib_ids = distill.teacher_text(teacher, calib_ids, recipe.teacher_tokens, recipe.calib_context, seed, checkpoint_dir, progress)
+        rows = max(recipe.calib_context, recipe.finetune_context or 0)  # every stage's windows fit in one sampled row
+        calib_ids = distill.teacher_text(teacher, calib_ids, recipe.teacher_tokens, rows, seed, checkpoint_dir, progress)
     batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context).to(next(model.parameters()).device)
 
     evaluating = [0.0]  # seconds spent measuring perplexity: reported, not charged to the budget
@@ -144,7 +148,7 @@ def adapt_model(
         fit_scalers(model, batch, targets)
         calib = iterate("calibration", "calibrate (linear cell)", targets)
         tune = final_cell == "nonlinear" and "linear_finetune" not in recipe.skip
-        losses = finetune("linear", remaining(LINEAR_BUDGET_SHARE)) if tune else []
+        losses = finetune("linear", remaining(recipe.linear_budget_share)) if tune else []
         state = finish("linear", "linear", calibration_error=calib, linear_loss=losses, ppl_linear_adapted=measured("linear cell, adapted"))
     if final_cell == "nonlinear" and "init" in recipe.skip and not state.get("init"):
         set_cell(model, "nonlinear")
@@ -157,10 +161,12 @@ def adapt_model(
     if "layerwise" in recipe.skip and not state.get("layerwise"):
         state = finish("layerwise", final_cell)
     if not state.get("layerwise"):
-        captured = layerwise.capture_teacher(teacher, batch)
+        text = batch if recipe.layerwise_text_tokens is None else calibration_batch(
+            calib_ids, recipe.layerwise_text_tokens, recipe.calib_context).to(batch.device)
+        captured = layerwise.capture_teacher(teacher, text)
         per_layer = state.get("layerwise_steps")
         if per_layer is None:  # planned once, so a resumed run trains as many steps
-            budget = remaining(LAYERWISE_BUDGET_SHARE)
+            budget = remaining(recipe.layerwise_budget_share)
             if steps is not None:
                 per_layer = steps.get("layerwise", 0)
             elif budget is None:

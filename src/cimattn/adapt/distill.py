@@ -140,6 +140,7 @@ def distill(
     teacher.to(accelerator.device)
 
     step, losses, planned = 0, [], steps
+    context = recipe.finetune_context if stage == "finetune" and recipe.finetune_context else recipe.calib_context
     resumed = checkpoint.load_training(checkpoint_dir, stage, optimizer)
     if resumed:
         saved, done = resumed
@@ -155,7 +156,7 @@ def distill(
         advance(step)
         while planned is None or step < planned:
             t0 = time.perf_counter()
-            batch = sample_windows(ids, recipe.batch_size, recipe.calib_context, seed, step).to(accelerator.device)
+            batch = sample_windows(ids, recipe.batch_size, context, seed, step).to(accelerator.device)
             loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), recipe.grad_clip)

@@ -9,12 +9,17 @@ trained decoder layer then produces the next layer's input.  So each layer
 also learns to undo the drift of the layers before it, while a step costs
 one attention layer: no logits, no backward through other layers.
 
-A step reads the whole calibration batch, or with `layerwise_tokens` a
-seeded draw of that many tokens' rows from it: a batch larger than one
-step then gives the layer more text than a step holds, so long training
-does not fit one small batch (SmolLM2, ppl after this stage: 192 at 46
-steps per layer on the whole 1,024-token batch, 244 at 124; 142 at 124 on
-1,024-token draws from 4,096 tokens).
+The teacher is captured on the calibration batch, or on the first
+`layerwise_text_tokens` of calibration text, and a step reads all of it,
+or with `layerwise_tokens` a seeded draw of that many tokens' rows: text
+larger than one step gives the layer more than a step holds, so long
+training does not fit one small batch.  A layer's q/k/v/o projections
+memorise a 1,024-token batch within tens of steps (SmolLM2-135M layer 9:
+held-out error 0.60 → 0.64 while the batch's own falls to 0.02; drawing
+from 32,768 tokens, 0.60 → 0.30).  Ppl after this stage, the demo's
+recipe: 192 at 46 steps per layer on the whole 1,024-token batch, 244 at
+124; 142 at 124 on 1,024-token draws from 4,096 tokens; 173 at 46 on
+draws from 8,192 tokens.
 """
 
 from __future__ import annotations

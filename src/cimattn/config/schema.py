@@ -334,15 +334,28 @@ class Adapt(Strict):
         description="sequence length of calibration and training windows; null = the run's --context. HardSigmoid "
         "attention has no normalisation, so its output grows with the keys it sums: adapt at the evaluated length [tokens]",
     )
+    finetune_context: int | None = Field(
+        None, ge=8,
+        description="sequence length of the end-to-end fine-tuning windows; null = calib_context. The statistics and "
+        "layer-wise stages are cheap at a short length, but a model tuned end to end on short windows has never summed "
+        "the keys of a long one (SmolLM2-135M, the demo's recipe, 1,024-token evaluation: 37 steps of 256 tokens → ppl 146.9; "
+        "9 steps of 1,024 → 139.6; 18 → 116.6) [tokens]",
+    )
     init_iterations: int = Field(100, ge=0, le=10000, description="max iterations of the initialization algorithm [1]")
     init_tolerance: float = Field(1e-4, gt=0, description="stop when every |error| of mean and std is below this [1]")
     layerwise_steps: int = Field(0, ge=0, description="layer-wise distillation steps per layer without --budget (0 = skip) [steps]")
     finetune_steps: int = Field(0, ge=0, description="distillation fine-tuning steps without --budget (0 = skip) [steps]")
     lr: float = Field(6e-4, gt=0, lt=1, description="AdamW learning rate of the distillation fine-tuning — " + LEROUX)
     layerwise_tokens: int | None = Field(
-        None, ge=1, description="tokens each layer-wise step reads: whole rows of the calibration batch, drawn anew each step "
-        "(seeded); null = the whole batch. Below calib_tokens, a long layer-wise stage sees more text than one step holds "
-        "instead of fitting one small batch [tokens]",
+        None, ge=1, description="tokens each layer-wise step reads: whole rows of the layer-wise text (layerwise_text_tokens, "
+        "else the calibration batch), drawn anew each step (seeded); null = all of it. Below that text's length, a long "
+        "layer-wise stage sees more text than one step holds instead of fitting one small batch [tokens]",
+    )
+    layerwise_text_tokens: int | None = Field(
+        None, ge=64, description="tokens of calibration text the layer-wise stage captures the teacher on and draws its "
+        "steps from (rows of calib_context); null = the calibration batch. A layer's q/k/v/o projections memorise a small "
+        "batch: SmolLM2-135M layer 9, 400 steps of 1,024 tokens each, held-out error 0.60 → 0.64 on one 1,024-token batch, "
+        "0.60 → 0.30 drawing from 32,768 tokens [tokens]",
     )
     layerwise_lr: float = Field(
         3e-3, gt=0, lt=1,
@@ -354,6 +367,14 @@ class Adapt(Strict):
         "distillation; null = layerwise_lr. Ours, SmolLM2-135M, training-free fit + 6 steps per layer: 457 at 6e-4, 372 at "
         "6e-3, 331 at 1.8e-2, diverged (4,217) at 6e-2; after the initialization algorithm (240 s demo) only 286 → 277, and "
         "1e-2 in the noisy end-to-end steps as well made the result worse, so end-to-end keeps one rate",
+    )
+    linear_budget_share: float = Field(
+        0.15, ge=0, le=1, description="with --budget: the share of the budget left when it starts that fine-tuning the "
+        "linear model (the paper's step 1) may spend [1]",
+    )
+    layerwise_budget_share: float = Field(
+        0.5, ge=0, le=1, description="with --budget: the share of the budget left when it starts that layer-wise "
+        "distillation may spend; end-to-end fine-tuning takes the rest [1]",
     )
     weight_decay: float = Field(0.1, ge=0, lt=1, description="AdamW weight decay — " + LEROUX)
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas — " + LEROUX)
