@@ -474,7 +474,7 @@ def test_the_recipe_splits_a_budget_between_the_training_stages(tmp_path, monkey
     from cimattn.adapt import layerwise
 
     budgets, planned = {}, []
-    monkeypatch.setattr(d, "distill", lambda *a, stage, budget_s, **k: budgets.setdefault(stage, budget_s) and [])
+    monkeypatch.setattr(d, "distill", lambda *a, stage, budget_s, **k: budgets.update({stage: budget_s}) or [])
     monkeypatch.setattr(layerwise, "time_one_step", lambda *a: 0.01)
     monkeypatch.setattr(layerwise, "train_layers", lambda *a, steps_per_layer, **k: planned.append(steps_per_layer) or [])
     hw = hardware(linear_budget_share=0.2, layerwise_budget_share=0.25)

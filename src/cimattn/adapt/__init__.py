@@ -44,7 +44,7 @@ from cimattn.adapt.initialize import (
 )
 from cimattn.config import HardwareConfig, load_preset
 from cimattn.errors import CimattnError
-from cimattn.eval.perplexity import max_context
+from cimattn.eval import max_context
 from cimattn.models.convert import (
     hardware_state_dict,
     load_hardware_state,
