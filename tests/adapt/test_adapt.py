@@ -323,9 +323,10 @@ def test_initialization_stopped_by_its_limit_keeps_its_best_scalers():
     assert now == pytest.approx(min(history), rel=1e-5)
 
 
-def test_a_budgeted_adaptation_replays_step_for_step(tmp_path):
+@pytest.mark.parametrize("recipe", [{}, {"lr_final_fraction": 0.1, "kl_tokens": 12}], ids=["constant-rate", "decay-kl-draws"])
+def test_a_budgeted_adaptation_replays_step_for_step(tmp_path, recipe):
     """Its recorded `adapt_steps`, run with no clock, give the same parameters bit for bit (the same machine)."""
-    hw = hardware(init_iterations=3)
+    hw = hardware(init_iterations=3, **recipe)
     kwargs = dict(context=32, seed=3, progress=no_progress, evaluate=lambda label: 0.0)
     student, teacher = pair(hw)
     timed = adapt_model(student, teacher, ids(), hw, budget_s=4.0, checkpoint_dir=tmp_path / "timed", **kwargs)
@@ -485,3 +486,55 @@ def test_the_recipe_splits_a_budget_between_the_training_stages(tmp_path, monkey
     # the stages above spent (almost) nothing: the layer-wise stage plans its share of what is left, per layer of 2
     assert 0.25 * 90 / 2 / 0.01 < planned[0] <= 0.25 * 100 / 2 / 0.01
     assert 90 < budgets["finetune"] <= 100  # and the end-to-end stage all that is left (here almost all of it)
+
+
+def test_the_rate_holds_while_the_budget_is_planned_then_falls_linearly_to_its_final_fraction(monkeypatch):
+    from cimattn.adapt.distill import PLAN_AFTER_STEPS, lr_factor
+
+    recipe = hardware(lr_final_fraction=0.1).adapt
+    assert PLAN_AFTER_STEPS == 3
+    # 8 planned steps: steps 0-2 at the full rate, then 1 − 0.9·(step − 2)/5 down to 0.1 at the last (step 7)
+    assert [lr_factor(s, 8, recipe) for s in range(8)] == pytest.approx([1, 1, 1, 0.82, 0.64, 0.46, 0.28, 0.1])
+    assert [lr_factor(s, None, recipe) for s in range(3)] == [1.0] * 3  # a budget not planned yet
+    assert lr_factor(2, 3, recipe) == 1.0 and lr_factor(5, 8, hardware().adapt) == 1.0  # nothing left to fall over; constant
+    assert [lr_factor(s, 8, recipe.model_copy(update={"warmup_steps": 2})) for s in (0, 3)] == pytest.approx([0.5, 0.82])
+    # and the optimizer takes it
+    rates = []
+    real_step = torch.optim.AdamW.step
+    monkeypatch.setattr(torch.optim.AdamW, "step", lambda self, *a, **k: rates.append(self.param_groups[0]["lr"]) or real_step(self, *a, **k))
+    student, teacher = pair(hardware())
+    distill(student, teacher, ids(), recipe, stage="t", parameters=trainable_parameters(student, "scalers"), steps=8,
+            budget_s=None, checkpoint_dir=_tmp(), seed=0, progress=no_progress)
+    assert rates == pytest.approx([recipe.lr * f for f in (1, 1, 1, 0.82, 0.64, 0.46, 0.28, 0.1)])
+
+
+def test_kl_tokens_scores_a_seeded_draw_of_positions_with_the_full_kl_there():
+    from cimattn.adapt.distill import distill_loss, sample_positions
+
+    positions = sample_positions(32, 12, seed=0, step=5)
+    assert positions.tolist() == sorted(set(positions.tolist())) and len(positions) == 12 and 0 <= positions.min() <= positions.max() < 32
+    assert torch.equal(positions, sample_positions(32, 12, seed=0, step=5)) and not torch.equal(positions, sample_positions(32, 12, 0, 6))
+    assert sample_positions(32, None, 0, 5) is None and sample_positions(32, 32, 0, 5) is None  # all of them
+    student, teacher = pair(hardware())
+    batch = sample_windows(ids(), 2, 32, 0, 0)
+    with torch.no_grad():
+        full = kl_loss(student(batch).logits[:, positions], teacher(batch).logits[:, positions]).item()
+        assert distill_loss(student, teacher, batch, positions=positions).item() == pytest.approx(full, rel=1e-5)
+
+
+def test_kl_tokens_on_a_model_without_logits_to_keep_is_a_clear_error():
+    from cimattn.errors import CimattnError
+
+    class LogitsOnly(torch.nn.Module):  # a causal LM whose forward cannot skip logits
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, input_ids, output_hidden_states=False):
+            return self.model(input_ids, output_hidden_states=output_hidden_states)
+
+    hw = hardware(kl_tokens=8)
+    student, teacher = pair(hw)
+    with pytest.raises(CimattnError, match="kl_tokens needs a model whose forward takes logits_to_keep"):
+        distill(LogitsOnly(student), teacher, ids(), hw.adapt, stage="t", parameters=trainable_parameters(student, "scalers"),
+                steps=1, budget_s=None, checkpoint_dir=_tmp(), seed=0, progress=no_progress)

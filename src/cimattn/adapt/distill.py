@@ -3,8 +3,10 @@
 Hardware in the loop: the student runs its simulated attention forward and
 backward (straight-through quantisers, surrogate cell gradient).  Accelerate
 places the work, so the same code runs on the CPU, one GPU or several.  The
-loss is the KL on logits, plus (recipe `hidden_weight`) the relative error of
-every decoder layer's hidden state.  The text is the corpus or, with recipe
+loss is the KL on logits (recipe `kl_tokens`: at a seeded draw of positions
+only, so the vocabulary-wide head and softmax run on those), plus (recipe
+`hidden_weight`) the relative error of every decoder layer's hidden state.
+The rate can fall linearly to `lr_final_fraction` of itself by the last step.  The text is the corpus or, with recipe
 `data: teacher`, a sample of the teacher's own distribution (`teacher_text`).
 
 Reproducible and resumable: the windows of step i depend only on (seed, i),
@@ -15,6 +17,7 @@ parameters as one that was never killed.
 
 from __future__ import annotations
 
+import inspect
 import time
 from pathlib import Path
 
@@ -24,6 +27,7 @@ from safetensors.torch import load, save
 
 from cimattn.adapt import checkpoint
 from cimattn.config import Adapt
+from cimattn.errors import CimattnError
 from cimattn.models.convert import gradients_only_for
 from cimattn.storage import atomic_write_bytes
 
@@ -32,6 +36,7 @@ TEACHER_TEXT = "teacher-text.safetensors"  # the sampled text of `data: teacher`
 PROMPT_TOKENS = 16  # corpus tokens that start each teacher-sampled sequence
 TEACHER_ROWS_PER_CALL = 32  # sequences sampled together (one batched generate)
 PLAN_AFTER_STEPS = 3  # a budget becomes a step count from the steps after the first (which pays one-off set-up costs)
+POSITION_STREAM = 1 << 40  # seeds the positions of `kl_tokens` apart from the windows'
 
 
 def sample_windows(ids: torch.Tensor, batch: int, context: int, seed: int, step: int) -> torch.Tensor:
@@ -42,6 +47,29 @@ def sample_windows(ids: torch.Tensor, batch: int, context: int, seed: int, step:
     return torch.stack([ids[s : s + context] for s in starts.tolist()])
 
 
+def sample_positions(context: int, count: int | None, seed: int, step: int) -> torch.Tensor | None:
+    """The sorted positions of a window whose logits enter the KL at `step` (`Adapt.kl_tokens`), a function of
+    (seed, step) only; None = all of them."""
+    if count is None or count >= context:
+        return None
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step + POSITION_STREAM)
+    return torch.randperm(context, generator=g)[:count].sort().values
+
+
+def lr_factor(step: int, planned: int | None, recipe: Adapt) -> float:
+    """The learning rate of `step` as a fraction of `recipe.lr`: the warm-up, then, once the step count is known,
+    a linear fall to `lr_final_fraction` at the last step.
+
+    The first PLAN_AFTER_STEPS steps keep the full rate whether or not the count is known from the start, so a
+    budgeted run and its replay at the same counts take the same steps.
+    """
+    warm = min(1.0, (step + 1) / recipe.warmup_steps) if recipe.warmup_steps else 1.0
+    if planned is None or step < PLAN_AFTER_STEPS or planned <= PLAN_AFTER_STEPS:
+        return warm
+    done = (step - PLAN_AFTER_STEPS + 1) / (planned - PLAN_AFTER_STEPS)
+    return warm * (1.0 - (1.0 - recipe.lr_final_fraction) * done)
+
+
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
     """Mean over tokens of KL(teacher ‖ student), in fp32."""
     s = F.log_softmax(student_logits.float(), dim=-1).flatten(0, -2)
@@ -49,13 +77,14 @@ def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch
     return F.kl_div(s, t, log_target=True, reduction="batchmean")
 
 
-def distill_loss(student, teacher, batch: torch.Tensor, hidden_weight: float = 0.0) -> torch.Tensor:
-    """KL on the logits of `batch`, plus `hidden_weight` × the mean over decoder layers of `relative_error` of
-    their hidden states (the embeddings, identical in both models, left out)."""
+def distill_loss(student, teacher, batch: torch.Tensor, hidden_weight: float = 0.0, positions: torch.Tensor | None = None) -> torch.Tensor:
+    """KL on the logits of `batch` (only at `positions` of each row when given), plus `hidden_weight` × the mean over
+    decoder layers of `relative_error` of their hidden states (the embeddings, identical in both models, left out)."""
     hidden = hidden_weight > 0
+    keep = {} if positions is None else {"logits_to_keep": positions}  # the LM head and softmax only where the KL reads
     with torch.no_grad():
-        target = teacher(batch, output_hidden_states=hidden)
-    out = student(batch, output_hidden_states=hidden)
+        target = teacher(batch, output_hidden_states=hidden, **keep)
+    out = student(batch, output_hidden_states=hidden, **keep)
     loss = kl_loss(out.logits, target.logits)
     if hidden:
         pairs = list(zip(out.hidden_states[1:], target.hidden_states[1:]))
@@ -134,6 +163,9 @@ def distill(
     """
     from accelerate import Accelerator
 
+    if recipe.kl_tokens is not None and "logits_to_keep" not in inspect.signature(student.forward).parameters:
+        raise CimattnError(f"adapt.kl_tokens needs a model whose forward takes logits_to_keep, which {type(student).__name__} "
+                           "does not: set kl_tokens: null")
     accelerator = Accelerator(cpu=next(student.parameters()).device.type == "cpu")  # where the caller put the model
     optimizer = torch.optim.AdamW(parameters.values(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     prepared, optimizer = accelerator.prepare(student, optimizer)
@@ -157,11 +189,12 @@ def distill(
         while planned is None or step < planned:
             t0 = time.perf_counter()
             batch = sample_windows(ids, recipe.batch_size, context, seed, step).to(accelerator.device)
-            loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight)
+            positions = sample_positions(batch.shape[1], recipe.kl_tokens, seed, step)
+            loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight, None if positions is None else positions.to(batch.device))
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), recipe.grad_clip)
             for group in optimizer.param_groups:
-                group["lr"] = recipe.lr * min(1.0, (step + 1) / recipe.warmup_steps) if recipe.warmup_steps else recipe.lr
+                group["lr"] = recipe.lr * lr_factor(step, planned, recipe)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             losses.append(loss.item())

@@ -376,6 +376,16 @@ class Adapt(Strict):
         0.5, ge=0, le=1, description="with --budget: the share of the budget left when it starts that layer-wise "
         "distillation may spend; end-to-end fine-tuning takes the rest [1]",
     )
+    lr_final_fraction: float = Field(
+        1.0, gt=0, le=1, description="distillation fine-tuning's rate at its last step as a fraction of lr: after the first "
+        "3 steps (a budget's step count is planned from their pace) the rate falls linearly to it; 1 = constant. A dozen "
+        "noisy end-to-end steps at a constant rate leave the result wherever the last one lands [1]",
+    )
+    kl_tokens: int | None = Field(
+        None, ge=1, description="positions of each distillation window whose logits enter the KL, a seeded draw per "
+        "step; null = all. The LM head and the softmax over the vocabulary then run on those positions only, while "
+        "every position still trains the attention through the later ones' keys [tokens]",
+    )
     weight_decay: float = Field(0.1, ge=0, lt=1, description="AdamW weight decay — " + LEROUX)
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas — " + LEROUX)
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip — " + LEROUX)
