@@ -538,3 +538,25 @@ def test_kl_tokens_on_a_model_without_logits_to_keep_is_a_clear_error():
     with pytest.raises(CimattnError, match="kl_tokens needs a model whose forward takes logits_to_keep"):
         distill(LogitsOnly(student), teacher, ids(), hw.adapt, stage="t", parameters=trainable_parameters(student, "scalers"),
                 steps=1, budget_s=None, checkpoint_dir=_tmp(), seed=0, progress=no_progress)
+
+
+def test_bf16_mixed_precision_runs_the_digital_layers_in_bf16_and_the_arrays_in_fp32(monkeypatch):
+    import cimattn.attention.gaincell as gca
+
+    arrays, projections = [], []
+    real = gca._attend_blocks
+    monkeypatch.setattr(gca, "_attend_blocks", lambda cim, q, *a: arrays.append((q.dtype, torch.is_autocast_enabled("cpu"))) or real(cim, q, *a))
+    hw = hardware(mixed_precision="bf16", lr=3e-2)
+    student, teacher = pair(hw)
+    for model in (student, teacher):
+        model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: projections.append(out.dtype))
+    kwargs = dict(stage="t", budget_s=None, seed=0, progress=no_progress)
+    losses = distill(student, teacher, ids(), hw.adapt, parameters=trainable_parameters(student, "scalers"), steps=12, checkpoint_dir=_tmp(), **kwargs)
+    assert set(projections) == {torch.bfloat16} and set(arrays) == {(torch.float32, False)}
+    assert sum(losses[-3:]) < sum(losses[:3])  # and it trains
+    student_fp32, teacher = pair(hw)
+    fp32 = distill(student_fp32, teacher, ids(), hw.adapt.model_copy(update={"mixed_precision": "no"}),
+                   parameters=trainable_parameters(student_fp32, "scalers"), steps=1, checkpoint_dir=_tmp(), **kwargs)
+    assert losses[0] != fp32[0] and losses[0] == pytest.approx(fp32[0], rel=0.05)  # the same loss, at bf16's precision
+    with torch.no_grad():  # nothing of the autocast stays on the model: it evaluates in fp32
+        assert student(ids()[None, :32]).logits.dtype == torch.float32

@@ -115,6 +115,18 @@ def test_registered_as_cimattn_gaincell():
     assert IMPLEMENTATIONS["gaincell"] == "cimattn_gaincell"
 
 
+def test_the_registered_function_simulates_the_arrays_in_fp32_under_the_digital_layers_autocast():
+    from transformers import AttentionInterface
+
+    registered = AttentionInterface()["cimattn_gaincell"]
+    module = make_module(physics()).float()
+    q, k, v = (x.float() for x in inputs())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = registered(module, q, k, v, None)[0]
+    # bit for bit the fp32 result: no matmul inside was cast to bf16 (its 8-bit mantissa would move the scores by ~1e-3)
+    assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, gaincell_attention(module, q, k, v, None)[0])
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("kind", ["nonlinear", "linear"])
 def test_matches_loop_reference_with_ring_buffer_and_gqa(kind, grad):

@@ -6,7 +6,9 @@ places the work, so the same code runs on the CPU, one GPU or several.  The
 loss is the KL on logits (recipe `kl_tokens`: at a seeded draw of positions
 only, so the vocabulary-wide head and softmax run on those), plus (recipe
 `hidden_weight`) the relative error of every decoder layer's hidden state.
-The rate can fall linearly to `lr_final_fraction` of itself by the last step.  The text is the corpus or, with recipe
+The rate can fall linearly to `lr_final_fraction` of itself by the last step.
+With `mixed_precision: bf16` the digital layers of both models run under
+bf16 autocast (the paper's training does); the simulated arrays do not.  The text is the corpus or, with recipe
 `data: teacher`, a sample of the teacher's own distribution (`teacher_text`).
 
 Reproducible and resumable: the windows of step i depend only on (seed, i),
@@ -170,6 +172,8 @@ def distill(
     optimizer = torch.optim.AdamW(parameters.values(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     prepared, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
+    # the digital layers of student and teacher; the simulated arrays stay fp32 (attention.without_autocast)
+    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16")
 
     step, losses, planned = 0, [], steps
     context = recipe.finetune_context if stage == "finetune" and recipe.finetune_context else recipe.calib_context
@@ -190,7 +194,8 @@ def distill(
             t0 = time.perf_counter()
             batch = sample_windows(ids, recipe.batch_size, context, seed, step).to(accelerator.device)
             positions = sample_positions(batch.shape[1], recipe.kl_tokens, seed, step)
-            loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight, None if positions is None else positions.to(batch.device))
+            with autocast:
+                loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight, None if positions is None else positions.to(batch.device))
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), recipe.grad_clip)
             for group in optimizer.param_groups:

@@ -4,12 +4,16 @@ Any model whose attention goes through the interface switches with
 `model.set_attn_implementation(IMPLEMENTATIONS[family])`.  Each name also
 registers a boolean mask function: without one transformers passes
 `attention_mask=None` to a custom name and padding is silently lost.
+The hardware families simulate their arrays in fp32 (fp64 when given) even
+when the model's digital layers run under autocast (`Adapt.mixed_precision`).
 """
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
+import torch
 from transformers import AttentionInterface
 from transformers.masking_utils import AttentionMaskInterface
 
@@ -30,8 +34,19 @@ def register(family: str, function: Callable) -> str:
     return name
 
 
+def without_autocast(function: Callable) -> Callable:
+    """`function` with autocast off: its own arithmetic decides its precision, not the digital layers' autocast."""
+
+    @functools.wraps(function)
+    def wrapped(module, query: torch.Tensor, *args, **kwargs):
+        with torch.autocast(query.device.type, enabled=False):
+            return function(module, query, *args, **kwargs)
+
+    return wrapped
+
+
 register("digital", digital_attention)
-register("gaincell", gaincell_attention)
-register("prune_recompute", prune_recompute_attention)
+register("gaincell", without_autocast(gaincell_attention))
+register("prune_recompute", without_autocast(prune_recompute_attention))
 
 __all__ = ["IMPLEMENTATIONS", "digital_attention", "gaincell_attention", "prune_recompute_attention", "register"]

@@ -386,6 +386,12 @@ class Adapt(Strict):
         "step; null = all. The LM head and the softmax over the vocabulary then run on those positions only, while "
         "every position still trains the attention through the later ones' keys [tokens]",
     )
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no", description="'bf16': distillation fine-tuning runs the digital layers of the student and the teacher (projections, "
+        "MLPs, LM head) under bf16 autocast, as the paper's training does (" + LEROUX + "); the simulated "
+        "arrays stay fp32 and evaluation is fp32. On this project's CPU (AVX512-BF16) a bf16 matmul ran at 4.7x the fp32 rate and a "
+        "SmolLM2 end-to-end step took 7.3 s instead of 9.7 s",
+    )
     weight_decay: float = Field(0.1, ge=0, lt=1, description="AdamW weight decay — " + LEROUX)
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas — " + LEROUX)
     grad_clip: float = Field(1.0, gt=0, description="gradient-norm clip — " + LEROUX)
