@@ -560,3 +560,15 @@ def test_bf16_mixed_precision_runs_the_digital_layers_in_bf16_and_the_arrays_in_
     assert losses[0] != fp32[0] and losses[0] == pytest.approx(fp32[0], rel=0.05)  # the same loss, at bf16's precision
     with torch.no_grad():  # nothing of the autocast stays on the model: it evaluates in fp32
         assert student(ids()[None, :32]).logits.dtype == torch.float32
+    # the layer-wise steps too, while the teacher's targets are captured in fp32
+    from cimattn.adapt.layerwise import capture_teacher, train_layers
+
+    captured = capture_teacher(teacher, calibration_batch(ids(), 64, 32))
+    assert all(t.dtype == torch.float32 for t in captured.targets.values())
+    arrays.clear()
+    walked = []
+    student.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, i, out: walked.append((out.dtype, torch.is_grad_enabled())))
+    errors = train_layers(student, captured, hw.adapt.model_copy(update={"lr": 1e-2}), steps_per_layer=10, progress=no_progress)
+    # training steps (with gradients) in bf16; the walk that makes the next layer's input (no gradients) in fp32
+    assert set(walked) == {(torch.bfloat16, True), (torch.float32, False)} and set(arrays) == {(torch.float32, False)}
+    assert all(last < first for first, last in errors), errors

@@ -8,8 +8,9 @@ only, so the vocabulary-wide head and softmax run on those), plus (recipe
 `hidden_weight`) the relative error of every decoder layer's hidden state.
 The rate can fall linearly to `lr_final_fraction` of itself by the last step.
 With `mixed_precision: bf16` the digital layers of both models run under
-bf16 autocast (the paper's training does); the simulated arrays do not.  The text is the corpus or, with recipe
-`data: teacher`, a sample of the teacher's own distribution (`teacher_text`).
+bf16 autocast (the paper's training does); the simulated arrays do not.
+The text is the corpus or, with recipe `data: teacher`, a sample of the
+teacher's own distribution (`teacher_text`).
 
 Reproducible and resumable: the windows of step i depend only on (seed, i),
 and parameters, optimizer state and step are checkpointed together in one
@@ -70,6 +71,12 @@ def lr_factor(step: int, planned: int | None, recipe: Adapt) -> float:
         return warm
     done = (step - PLAN_AFTER_STEPS + 1) / (planned - PLAN_AFTER_STEPS)
     return warm * (1.0 - (1.0 - recipe.lr_final_fraction) * done)
+
+
+def digital_autocast(recipe: Adapt, device: torch.device) -> torch.autocast:
+    """bf16 autocast for a training step's digital layers when the recipe asks (`mixed_precision`); the registered
+    hardware attentions switch it off for the simulated arrays (`cimattn.attention.without_autocast`)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16")
 
 
 def kl_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
@@ -172,8 +179,6 @@ def distill(
     optimizer = torch.optim.AdamW(parameters.values(), lr=recipe.lr, betas=recipe.betas, weight_decay=recipe.weight_decay)
     prepared, optimizer = accelerator.prepare(student, optimizer)
     teacher.to(accelerator.device)
-    # the digital layers of student and teacher; the simulated arrays stay fp32 (attention.without_autocast)
-    autocast = torch.autocast(accelerator.device.type, dtype=torch.bfloat16, enabled=recipe.mixed_precision == "bf16")
 
     step, losses, planned = 0, [], steps
     context = recipe.finetune_context if stage == "finetune" and recipe.finetune_context else recipe.calib_context
@@ -194,7 +199,7 @@ def distill(
             t0 = time.perf_counter()
             batch = sample_windows(ids, recipe.batch_size, context, seed, step).to(accelerator.device)
             positions = sample_positions(batch.shape[1], recipe.kl_tokens, seed, step)
-            with autocast:
+            with digital_autocast(recipe, accelerator.device):  # student and teacher
                 loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight, None if positions is None else positions.to(batch.device))
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), recipe.grad_clip)

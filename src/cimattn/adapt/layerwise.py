@@ -30,6 +30,7 @@ from typing import NamedTuple
 
 import torch
 
+from cimattn.adapt.distill import digital_autocast
 from cimattn.config import Adapt
 from cimattn.models.convert import decoder_layers, gradients_only_for, trains
 
@@ -184,7 +185,9 @@ def _train(attention, args, kwargs, target, recipe: Adapt, steps: int, advance, 
     with gradients_only_for(attention, params):
         for step in range(steps):
             a, k, t = take_rows((args, kwargs, target), draw(step), target.shape[0])
-            loss = normalised_mse(attention(*a, **k)[0], t)
+            with digital_autocast(recipe, t.device):  # the projections; the arrays stay fp32
+                out = attention(*a, **k)[0]
+            loss = normalised_mse(out, t)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
@@ -207,5 +210,7 @@ def time_one_step(model: torch.nn.Module, captured: Captured, recipe: Adapt) -> 
     attention = copy.deepcopy(attention)
     for _ in range(2):
         t0 = time.perf_counter()
-        normalised_mse(attention(*args, **kwargs)[0], target).backward()
+        with digital_autocast(recipe, target.device):
+            out = attention(*args, **kwargs)[0]
+        normalised_mse(out, target).backward()
     return time.perf_counter() - t0

@@ -387,10 +387,11 @@ class Adapt(Strict):
         "every position still trains the attention through the later ones' keys [tokens]",
     )
     mixed_precision: Literal["no", "bf16"] = Field(
-        "no", description="'bf16': distillation fine-tuning runs the digital layers of the student and the teacher (projections, "
-        "MLPs, LM head) under bf16 autocast, as the paper's training does (" + LEROUX + "); the simulated "
-        "arrays stay fp32 and evaluation is fp32. On this project's CPU (AVX512-BF16) a bf16 matmul ran at 4.7x the fp32 rate and a "
-        "SmolLM2 end-to-end step took 7.3 s instead of 9.7 s",
+        "no", description="'bf16': the training steps (layer-wise and end-to-end distillation) run the digital layers of the "
+        "student and the teacher (projections, MLPs, LM head) under bf16 autocast, as the paper's training does (" + LEROUX + "); "
+        "the simulated arrays stay fp32, and the teacher's captured activations and every evaluation are fp32. On this project's "
+        "CPU (AVX512-BF16) a bf16 matmul ran at 4.7x the fp32 rate; a SmolLM2 end-to-end step took 7.3 s instead of 9.7 s, a "
+        "layer-wise step 58 ms instead of 74 ms",
     )
     weight_decay: float = Field(0.1, ge=0, lt=1, description="AdamW weight decay — " + LEROUX)
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas — " + LEROUX)
