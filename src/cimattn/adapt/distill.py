@@ -90,7 +90,7 @@ def distill_loss(student, teacher, batch: torch.Tensor, hidden_weight: float = 0
     """KL on the logits of `batch` (only at `positions` of each row when given), plus `hidden_weight` × the mean over
     decoder layers of `relative_error` of their hidden states (the embeddings, identical in both models, left out)."""
     hidden = hidden_weight > 0
-    keep = {} if positions is None else {"logits_to_keep": positions}  # the LM head and softmax only where the KL reads
+    keep = {} if positions is None else {"logits_to_keep": positions.to(batch.device)}  # the LM head and softmax only where the KL reads
     with torch.no_grad():
         target = teacher(batch, output_hidden_states=hidden, **keep)
     out = student(batch, output_hidden_states=hidden, **keep)
@@ -200,7 +200,7 @@ def distill(
             batch = sample_windows(ids, recipe.batch_size, context, seed, step).to(accelerator.device)
             positions = sample_positions(batch.shape[1], recipe.kl_tokens, seed, step)
             with digital_autocast(recipe, accelerator.device):  # student and teacher
-                loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight, None if positions is None else positions.to(batch.device))
+                loss = distill_loss(prepared, teacher, batch, recipe.hidden_weight, positions)
             accelerator.backward(loss)
             accelerator.clip_grad_norm_(list(parameters.values()), recipe.grad_clip)
             for group in optimizer.param_groups:

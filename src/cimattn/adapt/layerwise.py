@@ -127,6 +127,14 @@ def normalised_mse(out: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return (out.float() - target.float()).pow(2).mean() / target.float().var().clamp_min(1e-12)
 
 
+def layer_loss(attention: torch.nn.Module, args: tuple, kwargs: dict, target: torch.Tensor, recipe: Adapt) -> torch.Tensor:
+    """The layer-wise loss of one step: the attention module's output against the teacher's, its projections under
+    the recipe's autocast (the arrays stay fp32)."""
+    with digital_autocast(recipe, target.device):
+        out = attention(*args, **kwargs)[0]
+    return normalised_mse(out, target)
+
+
 def train_layers(
     model: torch.nn.Module,
     captured: Captured,
@@ -185,9 +193,7 @@ def _train(attention, args, kwargs, target, recipe: Adapt, steps: int, advance, 
     with gradients_only_for(attention, params):
         for step in range(steps):
             a, k, t = take_rows((args, kwargs, target), draw(step), target.shape[0])
-            with digital_autocast(recipe, t.device):  # the projections; the arrays stay fp32
-                out = attention(*a, **k)[0]
-            loss = normalised_mse(out, t)
+            loss = layer_loss(attention, a, k, t, recipe)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, recipe.grad_clip)
             optimizer.step()
@@ -210,7 +216,5 @@ def time_one_step(model: torch.nn.Module, captured: Captured, recipe: Adapt) -> 
     attention = copy.deepcopy(attention)
     for _ in range(2):
         t0 = time.perf_counter()
-        with digital_autocast(recipe, target.device):
-            out = attention(*args, **kwargs)[0]
-        normalised_mse(out, target).backward()
+        layer_loss(attention, args, kwargs, target, recipe).backward()
     return time.perf_counter() - t0
