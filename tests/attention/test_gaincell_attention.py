@@ -127,6 +127,28 @@ def test_the_registered_function_simulates_the_arrays_in_fp32_under_the_digital_
     assert under_autocast.dtype == torch.float32 and torch.equal(under_autocast, gaincell_attention(module, q, k, v, None)[0])
 
 
+def test_under_autocast_only_the_surrogate_gradients_products_take_its_precision():
+    """The training signal of the arrays (the linear cell's gradient, an approximation already) runs at the digital
+    layers' bf16; their values stay fp32."""
+    from transformers import AttentionInterface
+
+    registered = AttentionInterface()["cimattn_gaincell"]
+    module = make_module(physics(), head_dim=8).float()  # cell: nonlinear, cell_gradient: linear (the surrogate)
+
+    def value_and_grads(autocast: bool):
+        q, k, v = (x.float().requires_grad_() for x in inputs(d=8))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = registered(module, q, k, v, None)[0]
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return out.detach(), torch.cat([x.grad.flatten() for x in (q, k, v)])
+
+    fp32, grad32 = value_and_grads(False)
+    bf16, grad16 = value_and_grads(True)
+    assert torch.equal(bf16, fp32)
+    assert not torch.equal(grad16, grad32)  # the products were rounded to bf16 …
+    assert torch.nn.functional.cosine_similarity(grad16, grad32, dim=0) > 0.999  # … and the gradient is the same one
+
+
 @pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
 @pytest.mark.parametrize("kind", ["nonlinear", "linear"])
 def test_matches_loop_reference_with_ring_buffer_and_gqa(kind, grad):

@@ -252,18 +252,22 @@ def test_variability_gain_statistics():
 
 
 @pytest.mark.parametrize("form", ["scores", "weighted_sum"])
-def test_matrix_forms_use_the_linear_cells_gradient_and_the_polynomials_value(form):
-    """Surrogate (cell_gradient: linear) in the matrix forms: value of Eq. 4, gradient of 19.3·x·u·decay."""
+@pytest.mark.parametrize("chip", ["ideal", "leak", "leak and gains, stored operand broadcast"])
+def test_matrix_forms_use_the_linear_cells_gradient_and_the_polynomials_value(form, chip):
+    """Surrogate (cell_gradient: linear) in the matrix forms: value of Eq. 4, gradient of 19.3·x·u·decay(·gain)."""
     torch.manual_seed(1)
     fn = cell_scores if form == "scores" else cell_weighted_sum
     x = torch.rand(2, 3, 5 if form == "scores" else 4, dtype=torch.float64)  # q (B, T, D) or A (B, T, S)
     y = torch.rand(2, 4, 5, dtype=torch.float64) * 0.9  # stored k or v (B, S, D)
-    decay = Decay(torch.rand(3, 1, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64))
+    decay = None if chip == "ideal" else Decay(torch.rand(3, 1, dtype=torch.float64), torch.rand(4, 1, dtype=torch.float64))
+    gain = None
+    if chip.startswith("leak and gains"):  # one stored array read by both rows of the batch
+        y, gain = y[:1], 1 + 0.1 * torch.randn(4, 5, dtype=torch.float64)
 
     def value_and_grads(cfg, grad=True):
         xs, ys = x.clone().requires_grad_(grad), y.clone().requires_grad_(grad)
         with torch.set_grad_enabled(grad):
-            out = fn(xs, ys, cfg, decay)
+            out = fn(xs, ys, cfg, decay, gain=gain)
         if grad:
             (out * torch.linspace(-1, 2, out.numel(), dtype=out.dtype).view(out.shape)).sum().backward()
         return out.detach(), xs.grad, ys.grad

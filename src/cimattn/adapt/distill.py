@@ -8,7 +8,8 @@ only, so the vocabulary-wide head and softmax run on those), plus (recipe
 `hidden_weight`) the relative error of every decoder layer's hidden state.
 The rate can fall linearly to `lr_final_fraction` of itself by the last step.
 With `mixed_precision: bf16` the digital layers of both models run under
-bf16 autocast (the paper's training does); the simulated arrays do not.
+bf16 autocast (the paper's training does); the simulated arrays do not
+(only their surrogate gradient's products).
 The text is the corpus or, with recipe `data: teacher`, a sample of the
 teacher's own distribution (`teacher_text`).
 

@@ -21,6 +21,7 @@ from cimattn.attention.common import boolean_mask
 from cimattn.attention.digital import digital_attention
 from cimattn.attention.gaincell import gaincell_attention
 from cimattn.attention.prune_recompute import prune_recompute_attention
+from cimattn.physics.gaincell import SURROGATE_GRADIENT_DTYPE
 
 # family (the preset's `attention` field) → registered implementation name
 IMPLEMENTATIONS: dict[str, str] = {}
@@ -35,12 +36,21 @@ def register(family: str, function: Callable) -> str:
 
 
 def without_autocast(function: Callable) -> Callable:
-    """`function` with autocast off: its own arithmetic decides its precision, not the digital layers' autocast."""
+    """`function` with autocast off: its own arithmetic decides its precision, not the digital layers' autocast.
+
+    Only the products of the gain cells' surrogate gradient take the autocast precision
+    (`cimattn.physics.gaincell.SURROGATE_GRADIENT_DTYPE`): they approximate the gradient anyway.
+    """
 
     @functools.wraps(function)
     def wrapped(module, query: torch.Tensor, *args, **kwargs):
-        with torch.autocast(query.device.type, enabled=False):
-            return function(module, query, *args, **kwargs)
+        device = query.device.type
+        token = SURROGATE_GRADIENT_DTYPE.set(torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else None)
+        try:
+            with torch.autocast(device, enabled=False):
+                return function(module, query, *args, **kwargs)
+        finally:
+            SURROGATE_GRADIENT_DTYPE.reset(token)
 
     return wrapped
 

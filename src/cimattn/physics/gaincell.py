@@ -36,6 +36,7 @@ leading dimensions broadcast like `torch.matmul`.
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextvars import ContextVar
 from functools import partial
 from typing import Literal, NamedTuple
 
@@ -47,6 +48,10 @@ from cimattn.physics.quantize import quantize
 CellKind = Literal["linear", "nonlinear"]
 # A decay factor stays below e^60 (fp32 holds e^88), so the two factors' product never overflows
 MAX_LEAK_EXPONENT = 60.0
+# The precision of the surrogate gradient's products (None: the operands' own).  The registered attentions set it to
+# the autocast precision of the digital layers around them (`cimattn.attention.without_autocast`): the simulated
+# arrays' values stay fp32, while their training signal, an approximation already, costs what the digital layers' does.
+SURROGATE_GRADIENT_DTYPE: ContextVar[torch.dtype | None] = ContextVar("surrogate_gradient_dtype", default=None)
 
 
 class Decay(NamedTuple):
@@ -168,7 +173,7 @@ def cell_scores(
 
     `gain` broadcasts to k's shape (one per stored cell).
     """
-    return _array_product(scores_from_terms, q, k, cfg, decay, kind, gain)
+    return _array_product(scores_from_terms, _scores_linear_grads, q, k, cfg, decay, kind, gain)
 
 
 def cell_weighted_sum(
@@ -184,19 +189,68 @@ def cell_weighted_sum(
 
     The i-th term of each cell decays as decay^i (the constant term not at all).
     """
-    return _array_product(weighted_sum_from_terms, a, v, cfg, decay, kind, gain)
+    return _array_product(weighted_sum_from_terms, _weighted_sum_linear_grads, a, v, cfg, decay, kind, gain)
 
 
-def _array_product(read: Callable, x: torch.Tensor, y: torch.Tensor, cfg: GainCell, decay: Decay | None, kind: CellKind | None,
-                   gain: torch.Tensor | None) -> torch.Tensor:
-    """`read` (scores or weighted sum) of pulses x against the stored y's terms, with the cell's value and gradient."""
+def _array_product(read: Callable, linear_grads: Callable, x: torch.Tensor, y: torch.Tensor, cfg: GainCell, decay: Decay | None,
+                   kind: CellKind | None, gain: torch.Tensor | None) -> torch.Tensor:
+    """`read` (scores or weighted sum) of pulses x against the stored y's terms, with the cell's value and gradient.
+
+    `linear_grads(grad, x, w, dq)` is the linear product's backward, (grad of x, grad of its stored operand w).
+    """
 
     def product(cell_kind: CellKind) -> torch.Tensor:
         terms = cell_terms(cfg, cell_kind, gain is not None)
         stored = stored_terms(y, cfg, terms, None if decay is None else decay.key, gain)
         return read(x, stored, terms, None if decay is None else decay.query)
 
-    return _with_gradient(partial(product, "linear"), partial(product, "nonlinear"), cfg, kind or cfg.cell)
+    kind = kind or cfg.cell
+    surrogate = kind == "nonlinear" and cfg.cell_gradient == "linear" and torch.is_grad_enabled()
+    if surrogate and (x.requires_grad or y.requires_grad):
+        dq, dk = (None, None) if decay is None else decay
+        return _SurrogateProduct.apply(x, y, dq, dk, gain, partial(product, "nonlinear"), linear_grads, cfg)
+    return _with_gradient(partial(product, "linear"), partial(product, "nonlinear"), cfg, kind)
+
+
+class _SurrogateProduct(torch.autograd.Function):
+    """An array product's polynomial value with the linear cell's gradient, without computing the linear product.
+
+    The linear product reads w = slope · (y − y_mid) · dk (· gain); its gradient needs only x, w and the query
+    decay, so its forward (a quarter of the surrogate's matmul work in `_with_gradient`) is never run.  The decay
+    factors and gains are constants of the chip: they get no gradient.  The backward's products run at
+    SURROGATE_GRADIENT_DTYPE when it is set.
+    """
+
+    @staticmethod
+    def forward(ctx, x, y, dq, dk, gain, nonlinear: Callable[[], torch.Tensor], linear_grads: Callable, cfg: GainCell):
+        ctx.save_for_backward(x, y, dq, dk, gain)
+        ctx.linear_grads, ctx.slope, ctx.y_mid = linear_grads, cfg.linear_slope, cfg.y_mid
+        ctx.dtype = SURROGATE_GRADIENT_DTYPE.get() or x.dtype
+        return nonlinear()
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, y, dq, dk, gain = ctx.saved_tensors
+        dw_dy = ctx.slope if dk is None else ctx.slope * dk  # ∂w/∂y, broadcast against y
+        dw_dy = dw_dy if gain is None else dw_dy * gain
+        w = (y - ctx.y_mid) * dw_dy
+        low = (t if t is None else t.to(ctx.dtype) for t in (grad, x, w, dq))
+        gx, gw = (g.to(x.dtype) for g in ctx.linear_grads(*low))
+        gx = gx.sum_to_size(x.shape) if ctx.needs_input_grad[0] else None
+        gy = (gw * dw_dy).sum_to_size(y.shape) if ctx.needs_input_grad[1] else None
+        return gx, gy, None, None, None, None, None, None
+
+
+def _scores_linear_grads(grad, q, w, dq):
+    """S = (q · dq) @ wᵀ: the gradients of q and of w."""
+    gq = torch.matmul(grad, w)
+    return (gq if dq is None else gq * dq), torch.matmul(grad.transpose(-1, -2), q if dq is None else q * dq)
+
+
+def _weighted_sum_linear_grads(grad, a, w, dq):
+    """O = dq · (A @ w): the gradients of A and of w."""
+    g = grad if dq is None else grad * dq
+    return torch.matmul(g, w.transpose(-1, -2)), torch.matmul(a.transpose(-1, -2), g)
 
 
 def _plus(acc: torch.Tensor, m: torch.Tensor, c: float) -> torch.Tensor:
