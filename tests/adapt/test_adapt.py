@@ -258,7 +258,7 @@ def test_unset_calibration_context_follows_the_run(tmp_path, monkeypatch):
     hw = hardware(calib_context=None, finetune_steps=0, layerwise_steps=0, init_iterations=1)
     student, teacher = pair(hw)
     adapt_model(student, teacher, ids(), hw, budget_s=None, context=48, checkpoint_dir=tmp_path, progress=no_progress, evaluate=lambda label: 0.0)
-    assert seen == [48]
+    assert seen == [48, 48]  # the statistics stages' batch and the layer-wise stage's text
 
 
 def test_initialization_cut_by_the_budget_keeps_its_best_scalers(monkeypatch):
@@ -326,7 +326,9 @@ def test_initialization_stopped_by_its_limit_keeps_its_best_scalers():
 @pytest.mark.parametrize("recipe", [{}, {"lr_final_fraction": 0.1, "kl_tokens": 12}], ids=["constant-rate", "decay-kl-draws"])
 def test_a_budgeted_adaptation_replays_step_for_step(tmp_path, recipe):
     """Its recorded `adapt_steps`, run with no clock, give the same parameters bit for bit (the same machine)."""
-    hw = hardware(init_iterations=3, **recipe)
+    # a small layer-wise share: on a loaded machine its steps run slower than the one it timed, and must leave the
+    # end-to-end stage some of the budget
+    hw = hardware(init_iterations=3, layerwise_budget_share=0.25, **recipe)
     kwargs = dict(context=32, seed=3, progress=no_progress, evaluate=lambda label: 0.0)
     student, teacher = pair(hw)
     timed = adapt_model(student, teacher, ids(), hw, budget_s=4.0, checkpoint_dir=tmp_path / "timed", **kwargs)
@@ -445,6 +447,26 @@ def test_layerwise_stage_reads_its_own_text_and_the_statistics_stages_the_batch(
                 evaluate=lambda label: 0.0)
     assert [b.shape for b in fitted] == [(2, 32)] and torch.equal(fitted[0].flatten(), corpus[:64])
     assert [b.shape for b in captured] == [(8, 32)] and torch.equal(captured[0].flatten(), corpus[:256])
+
+
+def test_layerwise_stage_reads_windows_of_its_own_length(tmp_path, monkeypatch):
+    from cimattn.adapt import layerwise
+    from cimattn.errors import CimattnError
+
+    captured, rows = [], []
+    real_capture, real_rows = layerwise.capture_teacher, layerwise.step_rows
+    monkeypatch.setattr(layerwise, "capture_teacher", lambda teacher, batch: captured.append(batch) or real_capture(teacher, batch))
+    monkeypatch.setattr(layerwise, "step_rows", lambda hidden, *a: rows.append(hidden.shape[:2]) or real_rows(hidden, *a))
+    hw = hardware(calib_tokens=64, layerwise_context=64, layerwise_text_tokens=256, layerwise_tokens=64, layerwise_steps=1)
+    student, teacher = pair(hw)
+    corpus = ids()
+    adapt_model(student, teacher, corpus, hw, budget_s=None, context=32, checkpoint_dir=tmp_path, progress=no_progress,
+                evaluate=lambda label: 0.0)
+    assert [b.shape for b in captured] == [(4, 64)] and torch.equal(captured[0].flatten(), corpus[:256])
+    assert set(rows) == {(4, 64)}  # each step draws one 64-token row of the four
+    with pytest.raises(CimattnError, match="layerwise_context 8192 is longer than the model's 4096 positions"):
+        adapt_model(student, teacher, corpus, hardware(layerwise_context=8192), budget_s=None, context=32,
+                    checkpoint_dir=tmp_path / "long", progress=no_progress, evaluate=lambda label: 0.0)
 
 
 def test_end_to_end_fine_tuning_reads_windows_of_its_own_length(tmp_path, monkeypatch):

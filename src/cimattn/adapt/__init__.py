@@ -90,7 +90,7 @@ def adapt_model(
         raise CimattnError(f"unknown adaptation stages {sorted(set(steps) - set(STEP_COUNTS))} in the step counts; known: {STEP_COUNTS}")
     recipe = hardware.adapt.model_copy(update={"calib_context": hardware.adapt.calib_context or context})
     limit = max_context(model)
-    for name in ("calib_context", "finetune_context"):
+    for name in ("calib_context", "layerwise_context", "finetune_context"):
         if limit is not None and (getattr(recipe, name) or 0) > limit:
             raise CimattnError(f"adapt.{name} {getattr(recipe, name)} is longer than the model's {limit} positions: lower it in the preset")
     started = time.perf_counter()
@@ -102,7 +102,7 @@ def adapt_model(
     if state.get("done"):
         return _result(state)
     if recipe.data == "teacher":  # every stage reads the teacher's own text instead (sampled once, inside the budget)
-        rows = max(recipe.calib_context, recipe.finetune_context or 0)  # every stage's windows fit in one sampled row
+        rows = max(recipe.calib_context, recipe.layerwise_context or 0, recipe.finetune_context or 0)  # every stage's windows fit in one row
         calib_ids = distill.teacher_text(teacher, calib_ids, recipe.teacher_tokens, rows, seed, checkpoint_dir, progress)
     batch = calibration_batch(calib_ids, recipe.calib_tokens, recipe.calib_context).to(next(model.parameters()).device)
 
@@ -161,8 +161,8 @@ def adapt_model(
     if "layerwise" in recipe.skip and not state.get("layerwise"):
         state = finish("layerwise", final_cell)
     if not state.get("layerwise"):
-        text = batch if recipe.layerwise_text_tokens is None else calibration_batch(
-            calib_ids, recipe.layerwise_text_tokens, recipe.calib_context).to(batch.device)
+        text = calibration_batch(calib_ids, recipe.layerwise_text_tokens or recipe.calib_tokens,
+                                 recipe.layerwise_context or recipe.calib_context).to(batch.device)  # by default: the batch
         captured = layerwise.capture_teacher(teacher, text)
         per_layer = state.get("layerwise_steps")
         if per_layer is None:  # planned once, so a resumed run trains as many steps
