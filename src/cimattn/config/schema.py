@@ -344,7 +344,9 @@ class Adapt(Strict):
     layerwise_context: int | None = Field(
         None, ge=8,
         description="sequence length of the layer-wise distillation windows; null = calib_context. Each layer then learns "
-        "to reproduce the teacher over as many keys as a long evaluated window sums [tokens]",
+        "to reproduce the teacher over as many keys as a long evaluated window sums. SmolLM2-135M, the demo's recipe, one "
+        "pair of runs: 35 steps per layer at 1,024 tokens (the time of 88 at 256) → ppl 163.0 after the stage, 124.0 after "
+        "22 end-to-end steps, against 135.5 and 125.7; positions 512–1,023 better (131.7 vs 154.6), 64–511 worse [tokens]",
     )
     init_iterations: int = Field(100, ge=0, le=10000, description="max iterations of the initialization algorithm [1]")
     init_tolerance: float = Field(1e-4, gt=0, description="stop when every |error| of mean and std is below this [1]")
