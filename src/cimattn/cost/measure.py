@@ -2,13 +2,18 @@
 
 Prefill: `scaled_dot_product_attention` over a causal prompt of T tokens.  Decode: one
 query over a KV cache of L tokens (GQA through `enable_gqa`).  Each point is the median
-of `repeats` timings after a warm-up (the fastest repeat is kept too).  The model of a point is
+of `repeats` timings after a warm-up (the fastest repeat is kept too); on the CPU one timing
+averages back-to-back calls over at least CPU_SAMPLE_S.  The model of a point is
     t = t0 + flops / F(q block) + Σ_level bytes served by the level / BW(level)
-- flops are what a flash kernel computes, not the ideal causal half: query blocks of Bq
-  rows each score every key up to their last row, T²/2 + T·Bq/2 pairs.  PyTorch's CPU
-  kernel picks Bq = 32 / 64 / 256 by prompt length (<192 / <768 / longer; kv blocks of
-  512, aten/src/ATen/native/cpu/FlashAttentionKernel.cpp), and each block size runs at
-  its own efficiency F (decode, one query, runs in the 32-row kernel);
+- flops are what a flash kernel computes, not the ideal causal half.  A query block of Bq
+  rows at row m scores whole key blocks of Bk columns until it passes its last row, the
+  last block's masked columns included: Σ_blocks Bq · Σ_{n < m+Bq, step Bk} min(Bk, T − n)
+  pairs.  PyTorch's CPU kernel (aten/src/ATen/native/cpu/FlashAttentionKernel.cpp) takes
+  Bq = 32 / 64 / 256 by prompt length (<192 / <768 / longer) and Bk = 512, so a prompt of
+  up to 512 tokens computes the whole T² square, twice the causal half (counted as
+  T²/2 + T·Bq/2 before: held-out prefill error 4.4 → 2.2 % on the recorded CPU grid).
+  Each block size runs at its own efficiency F; decode, one query, is a one-row product
+  with an F of its own;
 - memory is read as a stream through the levels: the first C_L2 bytes at the L2
   bandwidth, the next up to C_L3 at the L3 bandwidth, the rest at DRAM's.  The capacities
   are fitted too (a VM's or a shared L3 slice is smaller than the OS says); a hard switch
@@ -38,7 +43,8 @@ FULL_GRID = {"prefill": [32, 48, 64, 80, 96, 128, 160, 192, 224, 256, 320, 384, 
              "decode": [256, 362, 512, 724, 1024, 1448, 2048, 2896, 4096, 5793, 8192, 11585, 16384, 23170, 32768,
                         46341, 65536, 92682, 131072]}
 CPU_Q_BLOCKS = ((768, 256), (192, 64), (0, 32))  # (from prompt length, query rows per block) of PyTorch's CPU flash kernel
-CUDA_Q_BLOCK = 128  # FlashAttention-2's query tile at head dim ≤ 128
+CUDA_Q_BLOCK = 128  # FlashAttention-2's query tile at head dim 64
+KV_BLOCKS = {"cpu": 512, "cuda": 128}  # key columns per block: PyTorch's CPU kernel at every prompt length, FlashAttention-2's tile
 
 
 @dataclass
@@ -70,23 +76,36 @@ def cache_sizes() -> dict[str, int]:
 
 
 def q_block(mode: str, tokens: int, device: str = "cpu") -> int:
+    """Query rows per kernel block: the prompt's block on the CPU (one row in decode), the query tile on CUDA."""
     if device == "cuda":
         return CUDA_Q_BLOCK
-    q_len = tokens if mode == "prefill" else 1
-    return next(rows for start, rows in CPU_Q_BLOCKS if q_len >= start)
+    if mode == "decode":
+        return 1
+    return next(rows for start, rows in CPU_Q_BLOCKS if tokens >= start)
 
 
-def counts(shape: ModelShape, mode: str, tokens: int, element: int = 4, block: int = 32) -> tuple[float, float]:
-    """(FLOPs, bytes moved) of one attention layer call; prefill counts the query-key pairs a flash kernel
-    with `block`-row query blocks computes (T²/2 + T·block/2), each 2·d multiply-adds for QKᵀ and for A·V."""
+def computed_pairs(tokens: int, q_rows: int, kv_cols: int) -> int:
+    """Query-key pairs a causal flash kernel scores on a prompt: each block of q_rows query rows scores whole blocks
+    of kv_cols keys until it passes its last row (the masked part of the last one too)."""
+    pairs = 0
+    for m in range(0, tokens, q_rows):
+        rows = min(q_rows, tokens - m)
+        pairs += rows * sum(min(kv_cols, tokens - n) for n in range(0, m + rows, kv_cols))
+    return pairs
+
+
+def counts(shape: ModelShape, mode: str, tokens: int, element: int = 4, block: int = 32,
+           kv_block: int = KV_BLOCKS["cpu"]) -> tuple[float, float]:
+    """(FLOPs, bytes moved) of one attention layer call; prefill counts the `computed_pairs` of `block`-row query
+    blocks and `kv_block`-column key blocks, each 2·d multiply-adds for QKᵀ and for A·V."""
     h, kv, d = shape.heads, shape.kv_heads, shape.head_dim
     if mode == "prefill":
-        pairs = tokens * tokens / 2 + tokens * min(block, tokens) / 2
-        return 4.0 * pairs * h * d, float((2 * h + 2 * kv) * tokens * d * element)
+        return 4.0 * computed_pairs(tokens, block, kv_block) * h * d, float((2 * h + 2 * kv) * tokens * d * element)
     return 4.0 * tokens * h * d, float((2 * kv * tokens + 2 * h) * d * element)
 
 
 DTYPES = {"cpu": torch.float32, "cuda": torch.float16}  # what each device's SDPA decode normally runs in
+CPU_SAMPLE_S = 2e-3  # a CPU timing sample lasts at least this long
 
 
 def _call(shape: ModelShape, mode: str, tokens: int, generator: torch.Generator, device: str):
@@ -102,31 +121,44 @@ def _call(shape: ModelShape, mode: str, tokens: int, generator: torch.Generator,
 
 def measure(shape: ModelShape, grid: dict[str, list[int]] = CI_GRID, repeats: int = 15, seed: int = 0,
             device: str = "cpu") -> list[Point]:
-    """Median of `repeats` timings per grid point.  The repeats sweep the whole grid round-robin, so a burst
-    of load from other processes lands on every point alike instead of on a contiguous stretch of the grid;
-    each timed call follows an untimed one of the same point, so caches hold what a repeated call finds."""
+    """Median of `repeats` timings per grid point.  Each repeat sweeps the whole grid in a fresh seeded order, so a
+    burst of load from other processes, or whatever the point before leaves behind, lands on every point alike
+    instead of on a contiguous stretch of the grid or on one neighbour (in a fixed order the 32-token prompt, timed
+    right after the 131,072-token decode, measured slower than the 48-token one in two of four runs, which is
+    physically impossible); each timed call follows an untimed one of the same point, so caches hold what a
+    repeated call finds."""
     g = torch.Generator().manual_seed(seed)
     keys = [(mode, n) for mode, ns in grid.items() for n in ns]
     calls = {key: _call(shape, *key, g, device) for key in keys}
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     times: dict = {key: [] for key in keys}
     with torch.inference_mode():
-        for call, _ in calls.values():
+        number = {}  # calls per timing sample
+        for key, (call, _) in calls.items():
             for _ in range(3):  # warm-up: allocator, kernel selection, caches
-                call()
-        for _ in range(repeats):
-            for key, (call, _) in calls.items():
-                call()  # re-warm this point's caches: the previous point evicted them
                 sync()
                 t0 = time.perf_counter()
                 call()
                 sync()
-                times[key].append(time.perf_counter() - t0)
+            last = time.perf_counter() - t0
+            # on the CPU a sample averages back-to-back calls up to CPU_SAMPLE_S: the median of single 45-µs decode calls
+            # moved by ±10 % from run to run; CUDA times one synchronised call (back to back, launches would overlap)
+            number[key] = 1 if device == "cuda" else max(1, round(CPU_SAMPLE_S / last))
+        for _ in range(repeats):
+            for key in (keys[i] for i in torch.randperm(len(keys), generator=g).tolist()):
+                call = calls[key][0]
+                call()  # re-warm this point's caches: the previous point evicted them
+                sync()
+                t0 = time.perf_counter()
+                for _ in range(number[key]):
+                    call()
+                sync()
+                times[key].append((time.perf_counter() - t0) / number[key])
     points = []
     for (mode, n), ts in times.items():
         med = statistics.median(ts)
         block = q_block(mode, n, device)
-        flops, bytes_ = counts(shape, mode, n, element=calls[(mode, n)][1], block=block)
+        flops, bytes_ = counts(shape, mode, n, element=calls[(mode, n)][1], block=block, kv_block=KV_BLOCKS[device])
         points.append(Point(mode, n, med, (max(ts) - min(ts)) / med, flops, bytes_, min(ts), block))
     return points
 
