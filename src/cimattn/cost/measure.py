@@ -141,8 +141,9 @@ def measure(shape: ModelShape, grid: dict[str, list[int]] = CI_GRID, repeats: in
                 call()
                 sync()
             last = time.perf_counter() - t0
-            # on the CPU a sample averages back-to-back calls up to CPU_SAMPLE_S: the median of single 45-µs decode calls
-            # moved by ±10 % from run to run; CUDA times one synchronised call (back to back, launches would overlap)
+            # on the CPU a sample averages back-to-back calls up to CPU_SAMPLE_S (single calls of 25-200 µs left the fitted
+            # points 2.4-2.9 % off the fit in three runs, averaged ones 1.2-2.4 % in six); CUDA times one synchronised
+            # call (back to back, the launches would overlap)
             number[key] = 1 if device == "cuda" else max(1, round(CPU_SAMPLE_S / last))
         for _ in range(repeats):
             for key in (keys[i] for i in torch.randperm(len(keys), generator=g).tolist()):
