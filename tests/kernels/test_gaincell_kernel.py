@@ -90,6 +90,9 @@ CASES = {
     "nonlinear, no leak": ({"leakage": {"tau_s": None}}, None, 32),
     "linear cell, leak": ({"rate_per_token": 0.05}, "linear", 40),
     "score offset, clamp active": ({"score_offset": 0.2, "av_tile_scale": 0.08, "rate_per_token": 0.01}, None, 48),
+    # the offset falls from the 9th key a query sees on (8 → 32 keys: two doublings), laps included
+    "offset per doubling, laps": ({"offset_per_doubling": 0.15, "offset_reference_keys": 8, "score_offset": 0.3,
+                                   "rate_per_token": 0.02}, None, 56),
 }
 
 
@@ -132,7 +135,7 @@ def test_unsupported_configurations_are_named():
     noisy = physics(noise={"read_std": 0.01})
     assert "noise" in unsupported(noisy, q, k, v)
     assert unsupported(physics(normalize=True), q, k, v) is None
-    assert "offset_per_doubling" in unsupported(physics(offset_per_doubling=0.1), q, k, v)
+    assert unsupported(physics(offset_per_doubling=0.1, offset_reference_keys=8), q, k, v) is None
     assert unsupported(cfg, *(x.requires_grad_() for x in (q, k, v))) is None  # training takes the kernel too
     assert "cache" in unsupported(cfg, q[:, :, -1:], k, v)
     assert "tokens_per_array" in unsupported(physics(tokens_per_array=8), q, k, v)
@@ -232,6 +235,8 @@ def edges(monkeypatch):
 
     def watched_hard_sigmoid(scores, cfg, keep=None, generator=None):
         x = cfg.score_scale * scores.detach() + cfg.score_offset
+        if cfg.offset_per_doubling:  # as hard_sigmoid lowers it with the keys each query sees
+            x = x - cfg.offset_per_doubling * torch.log2((keep.sum(-1, keepdim=True) / cfg.offset_reference_keys).clamp_min(1.0))
         x = x[keep.expand_as(x)]
         seen.watch(torch.minimum(x.abs(), (x - 1.0).abs()))
         seen.active |= {name for name, hit in (("A < 0", x < 0), ("A > 1", x > 1)) if hit.any()}
@@ -275,6 +280,10 @@ GRAD_CASES = {
     "normalize, ADC, ΣA reads 0 early, no leak": (
         {"normalize": True, "av_out": ADC, "score_offset": -0.2, "leakage": {"tau_s": None}}, None, 56, 1, 32),
     "normalize, linear cell, leak": ({"normalize": True, "rate_per_token": 0.05, "score_offset": OFF_TIES}, "linear", 40, 1, 16),
+    # the demo preset's physics: normalize, ADC rounding, the offset falling with the keys seen (from 8 of a 32-token window)
+    "normalize, ADC, offset per doubling, laps": (
+        {"normalize": True, "av_out": ADC, "offset_per_doubling": 0.15, "offset_reference_keys": 8, "score_offset": 0.3,
+         "rate_per_token": 0.02}, None, 56, 1, 16),
 }
 
 

@@ -56,8 +56,6 @@ def unsupported(
         return f"head dim {d}: the kernel holds a head in registers, at most {MAX_HEAD_DIM}"
     if cfg.noise.read_std or cfg.noise.cell_variability_std:
         return "gaincell.noise: read noise and cell variability take the torch path"
-    if cfg.offset_per_doubling:
-        return "gaincell.offset_per_doubling: the context-dependent HardSigmoid offset takes the torch path"
     if offsets is not None and bool(offsets.any()):
         return "position ids do not start at 0 (ring offsets): the torch path places the tokens"
     if keep is not None and not torch.equal(keep.expand(b, 1, t, t), _causal_window(t, cfg.window_tokens, keep.device).expand(b, 1, t, t)):
@@ -92,7 +90,7 @@ def gaincell_prefill(
     (GQA), head dim ≤ 256; S = T (no cache) and no padding; prompts longer
     than the window (ring-buffer laps share an array before its read-out);
     `cell` "linear" or "nonlinear" (default cfg.cell), leakage on or off,
-    any score scale / offset (not `offset_per_doubling`), A·V tile scale and av_out quantiser (levels or
+    any score scale / offset and `offset_per_doubling`, A·V tile scale and av_out quantiser (levels or
     none), `normalize` on or off; tokens_per_array a power of two ≥ 16; no
     read noise, no cell variability.
 
@@ -119,7 +117,7 @@ class _Launch:
         c = cfg.cell_polynomial()
         self.physics = (
             c[0], c[1], c[2], c[3], cfg.linear_slope, cfg.y_mid, cfg.v.high - cfg.y_mid,  # u of the all-ones column
-            cfg.score_scale, cfg.score_offset, cfg.leakage.rate_per_token,
+            cfg.score_scale, cfg.score_offset, cfg.offset_per_doubling, float(cfg.offset_reference_keys), cfg.leakage.rate_per_token,
         )
         self.flags = {"NONLINEAR": kind == "nonlinear", "LEAK": cfg.leakage.rate_per_token > 0.0, "NORMALIZE": cfg.normalize}
         self.grad_poly = kind == "nonlinear" and cfg.cell_gradient == "exact"  # else the linear cell's gradient

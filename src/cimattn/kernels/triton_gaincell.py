@@ -52,7 +52,7 @@ def _stored(base, offs_s, offs_d, st, sd, T, D, y_mid):
 
 @triton.jit
 def _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W,
-                c0, c1, c2, c3, slope, score_scale, score_offset, rate,
+                c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
                 NONLINEAR: tl.constexpr, LEAK: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One key row against a query block → (HardSigmoid input x, A, decay d, keep), each (BLOCK_M, TPA)."""
     age = offs_m[:, None] - offs_s[None, :]  # tokens since the key was written
@@ -71,6 +71,10 @@ def _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W,
     else:
         score = slope * (d1 * m1) if LEAK else slope * m1
     x = score_scale * score + score_offset
+    # offset_per_doubling: the offset falls by offset_slope per doubling of the keys the query sees beyond
+    # offset_ref; with the plain causal window (no padding: the launcher's condition) that is min(t + 1, W) keys
+    seen = tl.minimum(offs_m + 1, W).to(tl.float32)
+    x -= (offset_slope * tl.log2(tl.maximum(seen / offset_ref, 1.0)))[:, None]
     a = tl.where(keep, tl.minimum(tl.maximum(x, 0.0), 1.0), 0.0)  # HardSigmoid, masked keys 0
     return x, a, d1, keep
 
@@ -101,7 +105,7 @@ def _charge(a, d1, u_v, u_one, c0, c1, c2, c3, slope,
 @triton.jit
 def _array_charge(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                   skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                  c0, c1, c2, c3, slope, score_scale, score_offset, rate,
+                  c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
                   NONLINEAR: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
                   TPA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One array's charge before its read-out: the sum over its rows r0, r0 + N_TILES, … ≤ r_last (window laps).
@@ -117,7 +121,7 @@ def _array_charge(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, of
         u_k = _stored(k_base, offs_s, offs_d, skt, skd, T, D, y_mid)
         u_v = _stored(v_base, offs_s, offs_d, svt, svd, T, D, y_mid)
         _, a, d1, keep = _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W, c0, c1, c2, c3, slope,
-                                     score_scale, score_offset, rate, NONLINEAR, LEAK, DOT_PRECISION)
+                                     score_scale, score_offset, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
         seen += tl.sum(keep.to(tl.int32), 1)
         c, o = _charge(a, d1, u_v, u_one, c0, c1, c2, c3, slope, NONLINEAR, NORMALIZE, DOT_PRECISION)
         cols += c
@@ -144,7 +148,7 @@ def _readout_grad(charge, g, av_scale, av_low, av_high):
 @triton.jit
 def _array_grad(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                 skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                c0, c1, c2, c3, slope, score_scale, score_offset, rate, av_scale, av_low, av_high,
+                c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
                 gn, gd,
                 NONLINEAR: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
                 TPA: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -156,7 +160,7 @@ def _array_grad(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs
     """
     cols, ones, seen = _array_charge(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                                      skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                     c0, c1, c2, c3, slope, score_scale, score_offset, rate,
+                                     c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
                                      NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
     read = seen > 0
     dp = _readout_grad(cols, tl.where(read[:, None], gn, 0.0), av_scale, av_low, av_high)
@@ -229,7 +233,7 @@ def gaincell_prefill_fwd(
     svb, svh, svt, svd,
     sob, soh, sot, sod,
     H, T, D, GROUPS, W, N_TILES,
-    c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, rate,
+    c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, offset_slope, offset_ref, rate,
     av_scale, av_low, av_high, av_step, av_anchor,
     NONLINEAR: tl.constexpr, LEAK: tl.constexpr, AV_LEVELS: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TPA: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -261,7 +265,7 @@ def gaincell_prefill_fwd(
     for r in range(r_first, r_stop):  # one array (tile) per iteration
         cols, ones, seen = _array_charge(q, q_sum, k_base, v_base, r, r_last, offs_m, m_ok, offs_n, offs_d,
                                          skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                         c0, c1, c2, c3, slope, score_scale, score_offset, rate,
+                                         c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
                                          NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
         read = seen > 0  # an array holding no visible key is not read
         out += tl.where(read[:, None], _readout(cols, av_scale, av_low, av_high, av_step, av_anchor, AV_LEVELS), 0.0)
@@ -296,7 +300,7 @@ def gaincell_bwd_dq(
     svb, svh, svt, svd,
     sgb, sgh, sgt, sgd,
     H, T, D, GROUPS, W, N_TILES,
-    c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, rate,
+    c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, offset_slope, offset_ref, rate,
     av_scale, av_low, av_high,
     NONLINEAR: tl.constexpr, GRAD_POLY: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TPA: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -328,14 +332,14 @@ def gaincell_bwd_dq(
     for r in range(r_first, r_stop):
         dp, dp_one = _array_grad(q, q_sum, k_base, v_base, r, r_last, offs_m, m_ok, offs_n, offs_d,
                                  skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                 c0, c1, c2, c3, slope, score_scale, score_offset, rate, av_scale, av_low, av_high,
+                                 c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
                                  gn, gd, NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
         for rr in range(r, r_last + 1, N_TILES):  # second pass over the array's rows: A and scores again
             offs_s = rr * TPA + offs_n
             u_k = _stored(k_base, offs_s, offs_d, skt, skd, T, D, y_mid)
             u_v = _stored(v_base, offs_s, offs_d, svt, svd, T, D, y_mid)
             x, _, d1, keep = _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W, c0, c1, c2, c3, slope,
-                                         score_scale, score_offset, rate, NONLINEAR, LEAK, DOT_PRECISION)
+                                         score_scale, score_offset, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
             da = _grad_a(dp, dp_one, u_v, u_one, d1, c0, c1, c2, c3, slope, GRAD_POLY, NORMALIZE, DOT_PRECISION)
             ds = _grad_score(da, x, keep, score_scale)
             dq += _grad_q(ds, d1, u_k, c0, c1, c2, c3, slope, GRAD_POLY, DOT_PRECISION)
@@ -351,7 +355,7 @@ def gaincell_bwd_dkdv(
     svb, svh, svt, svd,
     sgb, sgh, sgt, sgd,
     H, T, D, GROUPS, W, N_TILES,
-    c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, rate,
+    c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, offset_slope, offset_ref, rate,
     av_scale, av_low, av_high,
     NONLINEAR: tl.constexpr, GRAD_POLY: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, TPA: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -388,10 +392,10 @@ def gaincell_bwd_dkdv(
             r0 = r - N_TILES * ((r - r_first) // N_TILES)  # the array's first row this block sees (r itself or a lap before)
             dp, dp_one = _array_grad(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                                      skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                     c0, c1, c2, c3, slope, score_scale, score_offset, rate, av_scale, av_low, av_high,
+                                     c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
                                      gn, gd, NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
             x, a, d1, keep = _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W, c0, c1, c2, c3, slope,
-                                         score_scale, score_offset, rate, NONLINEAR, LEAK, DOT_PRECISION)
+                                         score_scale, score_offset, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
             dv += _grad_stored(a, d1, dp, u_v, c1, c2, c3, slope, GRAD_POLY, DOT_PRECISION)
             da = _grad_a(dp, dp_one, u_v, u_one, d1, c0, c1, c2, c3, slope, GRAD_POLY, NORMALIZE, DOT_PRECISION)
             ds = _grad_score(da, x, keep, score_scale)
