@@ -10,6 +10,7 @@ from cimattn.physics import (
     Decay,
     cell,
     cell_scores,
+    clamp,
     cell_weighted_sum,
     hard_sigmoid,
     leakage_decay,
@@ -91,6 +92,31 @@ def test_straight_through_gradient_is_one_inside_zero_outside():
     x = torch.tensor([-0.2, 0.03, 0.51, 0.97, 1.3], requires_grad=True)
     quantize(x, q).sum().backward()
     assert x.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_clamp_gradient_is_torch_clamps_bounds_included(dtype):
+    """`clamp` computes its gradient with hardtanh's backward (open interval) on the bounds' neighbours: the closed
+    interval of torch.clamp's own gradient, at the bounds and one step beside them."""
+    low, high = 0.0, 0.9  # 0.9 is not representable: both sides round it the same way
+    edges = [torch.nextafter(torch.tensor(b, dtype=dtype), torch.tensor(d, dtype=dtype)).item()
+             for b in (low, high) for d in (-1.0, 2.0)]
+    values = [low, high, -0.0, *edges, -3.0, 0.45, 7.0]
+    x = torch.tensor(values, dtype=dtype, requires_grad=True)
+    y = torch.tensor(values, dtype=dtype, requires_grad=True)
+    g = torch.arange(1.0, len(values) + 1, dtype=dtype)
+    clamp(x, low, high).backward(g)
+    y.clamp(low, high).backward(g)
+    assert torch.equal(x.grad, y.grad)
+    assert x.grad.tolist()[:3] == [1.0, 2.0, 3.0]  # low, high and −0 pass
+
+
+def test_hard_sigmoid_gradient_is_scale_inside_zero_outside_and_masked():
+    """∂A/∂S = 1/80 where 0 ≤ S/80 + offset ≤ 1 and the key is kept, else 0 (masked keys take no gradient)."""
+    s = torch.tensor([[-10.0, 0.0, 40.0, 80.0, 90.0, 40.0]], requires_grad=True)
+    keep = torch.tensor([[True, True, True, True, True, False]])
+    hard_sigmoid(s, GainCell(), keep).sum().backward()
+    assert torch.equal(s.grad, torch.tensor([[0.0, 0.0125, 0.0125, 0.0125, 0.0, 0.0]]))
 
 
 # ---- the cell (Eq. 4) ----

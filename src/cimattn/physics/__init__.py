@@ -19,10 +19,10 @@ from cimattn.physics.gaincell import (
     weighted_sum_from_terms,
     with_sum_column,
 )
-from cimattn.physics.quantize import grid_anchor, quantize
+from cimattn.physics.quantize import clamp, grid_anchor, quantize
 
 __all__ = [
-    "Decay", "Terms", "cell", "cell_scores", "cell_terms", "cell_weighted_sum", "divide_by_sum_column", "grid_anchor", "hard_sigmoid",
+    "Decay", "Terms", "cell", "cell_scores", "clamp", "cell_terms", "cell_weighted_sum", "divide_by_sum_column", "grid_anchor", "hard_sigmoid",
     "leakage_decay", "max_query_block", "quantize", "read_noise", "scores_from_terms", "stored_terms", "tile_readout", "variability_gain",
     "weighted_sum_from_terms", "with_sum_column",
 ]

@@ -43,7 +43,7 @@ from typing import Literal, NamedTuple
 import torch
 
 from cimattn.config.schema import GainCell
-from cimattn.physics.quantize import quantize
+from cimattn.physics.quantize import clamp, quantize
 
 CellKind = Literal["linear", "nonlinear"]
 # A decay factor stays below e^60 (fp32 holds e^88), so the two factors' product never overflows
@@ -335,20 +335,16 @@ def hard_sigmoid(
     (counted in `keep`, which must then be given) has its offset lowered by
     β·log2(n / offset_reference_keys) when n exceeds the reference.
     """
-    x = cfg.score_scale * scores
-    if cfg.score_offset != 0.0:
-        x = x + cfg.score_offset
+    bias = torch.tensor(cfg.score_offset, dtype=scores.dtype, device=scores.device)  # what is added to score_scale·S
     if cfg.offset_per_doubling:
         if keep is None:
             raise ValueError("offset_per_doubling counts the keys a query sees: pass `keep`")
-        seen = keep.sum(-1, keepdim=True).to(x.dtype)
-        x = x - cfg.offset_per_doubling * torch.log2((seen / cfg.offset_reference_keys).clamp_min(1.0))
-    x = read_noise(x, cfg.noise.read_std, generator)
-    if x.requires_grad:
-        a = x.clamp(0.0, 1.0)
-        return a if keep is None else a.masked_fill(~keep, 0.0)
-    a = x.clamp_(0.0, 1.0)  # x is this function's own tensor: in place saves a (T, S) pass each
-    return a if keep is None else a.masked_fill_(~keep, 0.0)
+        seen = keep.sum(-1, keepdim=True).to(scores.dtype)
+        bias = bias - cfg.offset_per_doubling * torch.log2((seen / cfg.offset_reference_keys).clamp_min(1.0))
+    if keep is not None:  # a masked key's input is −∞: its A is 0 and so is its gradient, with no masked_fill pass
+        bias = torch.where(keep, bias, -torch.inf)  # keep's size, the heads of a group not yet broadcast
+    x = read_noise(torch.add(bias, scores, alpha=cfg.score_scale), cfg.noise.read_std, generator)
+    return clamp(x, 0.0, 1.0) if x.requires_grad else x.clamp_(0.0, 1.0)  # x is this function's own tensor: in place
 
 
 def with_sum_column(v: torch.Tensor, cfg: GainCell) -> torch.Tensor:

@@ -17,6 +17,8 @@ to ±32/31, one half-step beyond the clamp bound; everything strictly inside
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from cimattn.config.schema import Quantizer
@@ -29,18 +31,56 @@ def grid_anchor(q: Quantizer) -> float:
 
 def quantize(x: torch.Tensor, q: Quantizer) -> torch.Tensor:
     """Clamp `x` to [q.low, q.high] and round to q.levels levels (none if levels is null); STE gradient."""
-    clamped = x.clamp(q.low, q.high)  # the clamp zeroes the gradient out of range
-    if q.levels is None:
-        return clamped
-    step, anchor = q.step, grid_anchor(q)
-    recording = clamped.requires_grad
-    with torch.no_grad():
-        # without a gradient to keep, round the clamp's fresh output in place: one tensor, not three
-        rounded = clamped if not recording else clamped.clone()
-        (rounded.sub_(anchor) if anchor else rounded).div_(step).round_().mul_(step)
-        if anchor:
-            rounded.add_(anchor)
-    if not recording:
-        return rounded
-    # straight-through: forward the rounded value, backward the identity of the clamped one
-    return clamped + (rounded - clamped).detach()
+    grid = None if q.levels is None else (q.step, grid_anchor(q))
+    return clamp(x, q.low, q.high, grid)
+
+
+def clamp(x: torch.Tensor, low: float, high: float, grid: tuple[float, float] | None = None) -> torch.Tensor:
+    """torch.clamp(x, low, high), rounded to the grid (step, anchor) when given, with the clamp's gradient.
+
+    Straight through the rounding; 1 on [low, high] (bounds included, as torch.clamp's own gradient) and 0 outside.
+    Without a gradient to keep, `x`'s clamped copy is rounded in place: one new tensor.
+    """
+    if torch.is_grad_enabled() and x.requires_grad:
+        return _Clamp.apply(x, low, high, grid)
+    return _round_(x.clamp(low, high), grid)
+
+
+def _round_(y: torch.Tensor, grid: tuple[float, float] | None) -> torch.Tensor:
+    if grid is None:
+        return y
+    step, anchor = grid
+    (y.sub_(anchor) if anchor else y).div_(step).round_().mul_(step)
+    return y.add_(anchor) if anchor else y
+
+
+class _Clamp(torch.autograd.Function):
+    """The clamp (and rounding) of `clamp`, its gradient in one vectorised pass: hardtanh's backward.
+
+    Autograd's own clamp backward builds two comparisons and a where(): on this project's CPU 6.3 ms against
+    0.21 ms per 1.2 M fp32 values (one thread), and the HardSigmoid and the read-out ADC apply it to every
+    score and every tile read-out.  hardtanh's backward keeps the open interval (low, high), so it is given
+    the bounds' neighbours in x's dtype: the closed interval of torch.clamp's gradient, bit for bit.
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, low: float, high: float, grid):
+        ctx.save_for_backward(x)
+        ctx.bounds = (low, high)
+        return _round_(x.clamp(low, high), grid)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        (x,) = ctx.saved_tensors
+        low, high = ctx.bounds
+        if x.dtype not in (torch.float32, torch.float64):  # no neighbours taken: the clamp's own mask
+            return grad * ((x >= low) & (x <= high)), None, None, None
+        return torch.ops.aten.hardtanh_backward(grad, x, *_open_bounds(low, high, x.dtype)), None, None, None
+
+
+@functools.cache
+def _open_bounds(low: float, high: float, dtype: torch.dtype) -> tuple[float, float]:
+    """The neighbours of low and high in `dtype` outside [low, high]: below < x < above  ⇔  low ≤ x ≤ high."""
+    below = torch.nextafter(torch.tensor(low, dtype=dtype), torch.tensor(-torch.inf, dtype=dtype))
+    above = torch.nextafter(torch.tensor(high, dtype=dtype), torch.tensor(torch.inf, dtype=dtype))
+    return below.item(), above.item()
