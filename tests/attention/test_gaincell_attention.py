@@ -36,7 +36,8 @@ def make_module(cfg: GainCell, heads=4, kv_heads=2, head_dim=3, random_scalers=T
     if random_scalers:
         with torch.no_grad():
             for scaler in module.cim.scalers.values():
-                scaler.a.uniform_(0.6, 1.4)
+                if hasattr(scaler, "a"):  # the per-head HardSigmoid offsets (head_offsets) have only b
+                    scaler.a.uniform_(0.6, 1.4)
                 scaler.b.add_(0.1 * torch.randn_like(scaler.b))
     return module.double()
 
@@ -70,6 +71,7 @@ def reference(module, q, k, v, key_valid=None, offsets=None):
         return x if step is None else step * torch.round(x / step)
 
     sc = {n: (cim.scalers[n].a.detach(), cim.scalers[n].b.detach()) for n in ("q", "k", "v", "out")}
+    head_offset = cim.scalers["score"].b.detach() if cfg.head_offsets else torch.zeros(q.shape[1], dtype=q.dtype)
     b_, h_, t_, d_ = q.shape
     hkv, s_ = k.shape[1], k.shape[2]
     w, tpa, rate = cfg.window_tokens, cfg.tokens_per_array, cfg.leakage.rate_per_token
@@ -93,7 +95,7 @@ def reference(module, q, k, v, key_valid=None, offsets=None):
                     gk = 1.0 if cim.k_gain is None else cim.k_gain[kv, slot]
                     gv = torch.ones(d_ + 1, dtype=q.dtype) if cim.v_gain is None else cim.v_gain[kv, slot]
                     score = (f(qq[t], kk[s] - Y_MID, dec) * gk).sum()
-                    a = (cfg.score_scale * score + cfg.score_offset - lowered).clamp(0, 1)
+                    a = (cfg.score_scale * score + cfg.score_offset - lowered + head_offset[h]).clamp(0, 1)
                     charge = f(a, vv[s] - Y_MID, dec) * gv[:d_]
                     if cfg.normalize:  # the all-ones column, stored at full scale
                         charge = torch.cat([charge, (f(a, cfg.v.high - Y_MID, dec) * gv[d_]).reshape(1)])
@@ -183,6 +185,21 @@ def test_matches_loop_reference_with_an_offset_that_falls_with_the_keys_seen(gra
     plain = make_module(physics(score_offset=0.3))
     assert not torch.allclose(got[:, :, 2:], run(plain, q, k, v)[:, :, 2:], atol=1e-3)  # from the third query on
     assert torch.allclose(got[:, :, :2], run(plain, q, k, v)[:, :, :2], atol=1e-12)  # one and two keys: the paper's offset
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["training", "inference"])
+def test_matches_loop_reference_with_per_head_offsets(grad):
+    """head_offsets: each query head adds its own trainable offset b_h to the HardSigmoid input."""
+    module = make_module(physics(head_offsets=True, offset_per_doubling=0.3, offset_reference_keys=2))
+    offsets = module.cim.scalers["score"].b
+    assert offsets.shape == (4,) and offsets.std() > 0.02  # make_module drew them
+    q, k, v = inputs(seed=3)
+    with torch.set_grad_enabled(grad):
+        got = run(module, q, k, v)
+    assert torch.allclose(got, reference(module, q, k, v), atol=1e-10)
+    with torch.no_grad():
+        offsets.zero_()
+    assert not torch.allclose(got, run(module, q, k, v), atol=1e-3)
 
 
 def test_ideal_limit_is_digital_hardsigmoid_attention():
@@ -332,8 +349,9 @@ def test_stats_are_per_head_moments_after_each_scaler():
     assert not stats["out"].mean.requires_grad
 
 
-def test_gradients_reach_all_scalers():
-    module = make_module(physics()).float()
+@pytest.mark.parametrize("extra", [{}, {"head_offsets": True}], ids=["paper", "head-offsets"])
+def test_gradients_reach_all_scalers(extra):
+    module = make_module(physics(**extra)).float()
     q, k, v = (x.float() for x in inputs())
     run(module, q, k, v).pow(2).sum().backward()
     for name, p in module.cim.scalers.named_parameters():
@@ -387,8 +405,9 @@ def expected(module, q, k, v, s, key_valid=None, offsets=None):
 @pytest.mark.usefixtures("every_step")
 @pytest.mark.parametrize("kind", ["nonlinear", "linear"])
 @pytest.mark.parametrize("extra", [{}, {"noise": Noise(cell_variability_std=0.1, seed=3), "normalize": True, "av_tile_scale": 0.02},
-                                   {"offset_per_doubling": 0.3, "offset_reference_keys": 2}],
-                         ids=["ideal-chip", "variability-normalize", "offset-per-doubling"])
+                                   {"offset_per_doubling": 0.3, "offset_reference_keys": 2},
+                                   {"head_offsets": True, "normalize": True}],
+                         ids=["ideal-chip", "variability-normalize", "offset-per-doubling", "head-offsets"])
 def test_decode_steps_write_one_slot_each_and_equal_the_loop_reference(kind, extra, monkeypatch):
     """Token by token through an 8-token ring (20 steps, 2.5 laps): each step equals the equations and writes one slot."""
     module = make_module(physics(cell=kind, **extra))

@@ -136,6 +136,7 @@ def test_unsupported_configurations_are_named():
     assert "noise" in unsupported(noisy, q, k, v)
     assert unsupported(physics(normalize=True), q, k, v) is None
     assert unsupported(physics(offset_per_doubling=0.1, offset_reference_keys=8), q, k, v) is None
+    assert "head_offsets" in unsupported(physics(head_offsets=True), q, k, v)
     assert unsupported(cfg, *(x.requires_grad_() for x in (q, k, v))) is None  # training takes the kernel too
     assert "cache" in unsupported(cfg, q[:, :, -1:], k, v)
     assert "tokens_per_array" in unsupported(physics(tokens_per_array=8), q, k, v)
@@ -233,14 +234,14 @@ def edges(monkeypatch):
     seen = Edges()
     hard_sigmoid, tile_readout = reference_path.hard_sigmoid, reference_path.tile_readout
 
-    def watched_hard_sigmoid(scores, cfg, keep=None, generator=None):
+    def watched_hard_sigmoid(scores, cfg, keep=None, generator=None, offsets=None):
         x = cfg.score_scale * scores.detach() + cfg.score_offset
         if cfg.offset_per_doubling:  # as hard_sigmoid lowers it with the keys each query sees
             x = x - cfg.offset_per_doubling * torch.log2((keep.sum(-1, keepdim=True) / cfg.offset_reference_keys).clamp_min(1.0))
         x = x[keep.expand_as(x)]
         seen.watch(torch.minimum(x.abs(), (x - 1.0).abs()))
         seen.active |= {name for name, hit in (("A < 0", x < 0), ("A > 1", x > 1)) if hit.any()}
-        return hard_sigmoid(scores, cfg, keep, generator)
+        return hard_sigmoid(scores, cfg, keep, generator, offsets)
 
     def watched_tile_readout(partial, cfg, generator=None, active=None):
         x, av = cfg.av_tile_scale * partial.detach(), cfg.av_out

@@ -224,6 +224,9 @@ def test_hard_sigmoid_clamps_s_over_80_and_masks():
     assert hard_sigmoid(s, GainCell()).tolist() == [[0.0, 0.5, 1.0, 1.0]]
     assert hard_sigmoid(s, GainCell(), keep).tolist() == [[0.0, 0.5, 1.0, 0.0]]
     assert hard_sigmoid(s, GainCell(score_offset=0.25), keep).tolist() == [[0.125, 0.75, 1.0, 0.0]]
+    rows = torch.stack([s[0], s[0]])  # per-row (e.g. per-head) offsets add to score_offset: 0.25 + 0.25 and 0.25 − 0.25
+    both = hard_sigmoid(rows, GainCell(score_offset=0.25), keep.expand(2, -1), offsets=torch.tensor([[0.25], [-0.25]]))
+    assert both.tolist() == [[0.375, 1.0, 1.0, 0.0], [0.0, 0.5, 1.0, 0.0]]
 
 
 def test_hard_sigmoid_offset_falls_per_doubling_of_the_keys_seen():

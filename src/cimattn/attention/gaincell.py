@@ -16,7 +16,8 @@ index differences, so they need no position ids.  For each query:
 3. the HardSigmoid gives A = clamp(score_scale·S + score_offset, 0, 1),
    masked keys 0 — no softmax, no 1/√d (the model's `scaling` is ignored);
    with `offset_per_doubling` (ours) the offset falls with the number of
-   keys the query sees beyond `offset_reference_keys`;
+   keys the query sees beyond `offset_reference_keys`; with `head_offsets`
+   (ours) each query head adds a trainable offset of its own;
 4. each V tile integrates Σ_s cell(A, v, decay) over its own keys and is read
    out *per tile*: × av_tile_scale, clamp, quantise (av_out); the tiles are
    then summed digitally and pass the output scaler.
@@ -131,6 +132,14 @@ def derive_seed(seed: int, layer_idx: int, stream: int) -> int:
     return (seed * 1_000_003 + layer_idx * 4_099 + stream) % (1 << 63)
 
 
+class HeadOffset(nn.Module):
+    """Trainable per-head HardSigmoid offsets b (`head_offsets`), (heads,), starting at 0."""
+
+    def __init__(self, heads: int):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(heads))
+
+
 class GainCellParams(nn.Module):
     """The hardware state of one attention layer: scalers, the chip's cell gains, the read-noise generator.
 
@@ -149,6 +158,8 @@ class GainCellParams(nn.Module):
         heads = {"q": n_heads, "k": n_kv_heads, "v": n_kv_heads, "out": n_heads}
         inits = {"q": config.scaler_q, "k": config.scaler_k, "v": config.scaler_v, "out": config.scaler_out}
         self.scalers = nn.ModuleDict({name: HeadScaler(heads[name], inits[name]) for name in SCALERS})
+        if config.head_offsets:  # trains, is saved and loaded with the scalers (`cim.scalers.score.b`)
+            self.scalers["score"] = HeadOffset(n_heads)
         # device-to-device variability: one gain per stored cell (KV head, ring slot, head dim), drawn once
         chip = torch.Generator().manual_seed(derive_seed(config.noise.seed, layer_idx, _VARIABILITY_STREAM))
         v_columns = head_dim + 1 if config.normalize else head_dim  # + the all-ones ΣA column
@@ -190,6 +201,12 @@ class GainCellParams(nn.Module):
         a = (target.std.to(std) / std.clamp_min(1e-12)).clamp_min(MIN_GAIN)
         scaler.a.copy_(torch.where(std > 0, a, scaler.a))  # a constant input keeps its gain
         scaler.b.copy_(target.mean.to(mean) - scaler.a.clamp_min(MIN_GAIN) * mean)
+
+    def score_offsets(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The per-head HardSigmoid offsets as (Hkv, G, 1, 1), against scores grouped (…, Hkv, G, T, S); None without."""
+        if "score" not in self.scalers:
+            return None
+        return self.scalers["score"].b.to(dtype).view(self.n_kv_heads, -1, 1, 1)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The read-noise generator on `device` (None when there is no read noise)."""
@@ -337,7 +354,7 @@ def _attend_block(
     gen = cim.generator(q.device)
     scores = cell_scores(qg, k, cfg, decay_g, kind=cim.cell, gain=k_gain)  # (B, Hkv, G·Tb, Sb)
     sb = scores.shape[-1]
-    a = hard_sigmoid(scores.view(b, hkv, groups, tb, sb), cfg, keep[:, :, None], gen)  # (B, Hkv, G, Tb, Sb)
+    a = hard_sigmoid(scores.view(b, hkv, groups, tb, sb), cfg, keep[:, :, None], gen, cim.score_offsets(q.dtype))  # (B, Hkv, G, Tb, Sb)
     a = a.reshape(b, hkv, groups * tb, sb)  # (B, Hkv, G·Tb, Sb)
 
     if cfg.normalize:
@@ -429,4 +446,4 @@ def _shift_keys_per_sequence(a, v, keep, key_decay, v_gain, lead: torch.Tensor, 
     return a, v, keep, key_decay, v_gain
 
 
-__all__ = ["SCALERS", "GainCellParams", "HeadScaler", "Moments", "derive_seed", "gaincell_attention"]
+__all__ = ["SCALERS", "GainCellParams", "HeadOffset", "HeadScaler", "Moments", "derive_seed", "gaincell_attention"]

@@ -116,7 +116,8 @@ def decode_step(cim, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         given = attention_mask if attention_mask.dtype == torch.bool else attention_mask == 0
         visible = visible & given[..., -1, -s:].reshape(-1, s).expand(b, -1).gather(-1, need.clamp_min(0))
     gen = cim.generator(q.device)
-    a = hard_sigmoid(scores, cfg, visible[:, None, None], gen)  # (B, Hkv, G, L)
+    offsets = cim.score_offsets(dtype)  # (Hkv, G, 1, 1) → (Hkv, G, 1) against the one query's (B, Hkv, G, L)
+    a = hard_sigmoid(scores, cfg, visible[:, None, None], gen, None if offsets is None else offsets[..., 0])  # (B, Hkv, G, L)
 
     a_tiles = a.view(b, hkv, -1, n_tiles, tpa).transpose(2, 3)  # (B, Hkv, N, G, tpa)
     v_terms = state.v_terms[:, :, :used].view(b, hkv, n_tiles, tpa, -1)  # (B, Hkv, N, tpa, n·C)

@@ -139,6 +139,11 @@ class GainCell(Strict):
     )
     offset_reference_keys: int = field(256, "tokens", "ours", "keys a query may see before offset_per_doubling lowers its offset",
                                        ge=1, le=1 << 20)
+    head_offsets: bool = Field(
+        False, description="hardware variant (ours, off in the paper): a trainable HardSigmoid offset per query head, added to "
+        "score_offset and starting at 0 (a per-head reference level of the charge-to-pulse converter); it trains with the "
+        "scalers. SmolLM2-135M, the demo's step counts (--replay, 16 / 99 / 27): layer-wise 135.5 → 129.3, adapted 98.4 → 96.7",
+    )
     av_tile_scale: float = field(1 / 40, "1", LEROUX + ": × 1/40 per A·V tile", "gain of each A·V tile's charge-to-pulse read-out", gt=0)
     normalize: bool = Field(
         False, description="hardware variant: an all-ones V column gives ΣA and the output is divided by it digitally (off in the paper)"

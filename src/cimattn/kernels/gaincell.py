@@ -56,6 +56,8 @@ def unsupported(
         return f"head dim {d}: the kernel holds a head in registers, at most {MAX_HEAD_DIM}"
     if cfg.noise.read_std or cfg.noise.cell_variability_std:
         return "gaincell.noise: read noise and cell variability take the torch path"
+    if cfg.head_offsets:
+        return "gaincell.head_offsets: the per-head HardSigmoid offsets take the torch path"
     if offsets is not None and bool(offsets.any()):
         return "position ids do not start at 0 (ring offsets): the torch path places the tokens"
     if keep is not None and not torch.equal(keep.expand(b, 1, t, t), _causal_window(t, cfg.window_tokens, keep.device).expand(b, 1, t, t)):
@@ -92,7 +94,7 @@ def gaincell_prefill(
     `cell` "linear" or "nonlinear" (default cfg.cell), leakage on or off,
     any score scale / offset and `offset_per_doubling`, A·V tile scale and av_out quantiser (levels or
     none), `normalize` on or off; tokens_per_array a power of two ≥ 16; no
-    read noise, no cell variability.
+    read noise, no cell variability, no `head_offsets`.
 
     Differentiable in q, k, v: the backward gives the reference's autograd
     gradients — HardSigmoid clamp, the read-out ADC's straight-through clamp

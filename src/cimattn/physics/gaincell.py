@@ -325,6 +325,7 @@ def hard_sigmoid(
     cfg: GainCell,
     keep: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The charge-to-pulse activation A = clamp(score_scale·S + score_offset, 0, 1); masked entries → 0.
 
@@ -334,6 +335,7 @@ def hard_sigmoid(
     With `offset_per_doubling` β (ours), a query that sees n unmasked keys
     (counted in `keep`, which must then be given) has its offset lowered by
     β·log2(n / offset_reference_keys) when n exceeds the reference.
+    `offsets` (broadcast against scores, e.g. one per head: `head_offsets`) are added to the offset.
     """
     bias = torch.tensor(cfg.score_offset, dtype=scores.dtype, device=scores.device)  # what is added to score_scale·S
     if cfg.offset_per_doubling:
@@ -343,7 +345,10 @@ def hard_sigmoid(
         bias = bias - cfg.offset_per_doubling * torch.log2((seen / cfg.offset_reference_keys).clamp_min(1.0))
     if keep is not None:  # a masked key's input is −∞: its A is 0 and so is its gradient, with no masked_fill pass
         bias = torch.where(keep, bias, -torch.inf)  # keep's size, the heads of a group not yet broadcast
-    x = read_noise(torch.add(bias, scores, alpha=cfg.score_scale), cfg.noise.read_std, generator)
+    x = torch.add(bias, scores, alpha=cfg.score_scale)
+    if offsets is not None:
+        x = x + offsets if offsets.requires_grad else x.add_(offsets)
+    x = read_noise(x, cfg.noise.read_std, generator)
     return clamp(x, 0.0, 1.0) if x.requires_grad else x.clamp_(0.0, 1.0)  # x is this function's own tensor: in place
 
 
