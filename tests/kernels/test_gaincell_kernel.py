@@ -136,7 +136,7 @@ def test_unsupported_configurations_are_named():
     assert "noise" in unsupported(noisy, q, k, v)
     assert unsupported(physics(normalize=True), q, k, v) is None
     assert unsupported(physics(offset_per_doubling=0.1, offset_reference_keys=8), q, k, v) is None
-    assert "head_offsets" in unsupported(physics(head_offsets=True), q, k, v)
+    assert unsupported(physics(head_offsets=True), q, k, v) is None
     assert unsupported(cfg, *(x.requires_grad_() for x in (q, k, v))) is None  # training takes the kernel too
     assert "cache" in unsupported(cfg, q[:, :, -1:], k, v)
     assert "tokens_per_array" in unsupported(physics(tokens_per_array=8), q, k, v)
@@ -153,6 +153,25 @@ def test_cpu_tensors_without_the_interpreter_are_refused(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     q, k, v = (x.float() for x in inputs(16))
     assert "CUDA" in unsupported(physics(), q, k, v)
+
+
+def test_the_attention_hands_its_head_offsets_to_the_kernel():
+    """gaincell_attention with `head_offsets`: the kernel path reads the module's offsets and trains them as the torch path does."""
+    cfg = physics(rate_per_token=0.02, head_offsets=True, av_out=NO_ROUNDING)
+    q, k, v = (x.float().to(DEVICE) for x in inputs(32))
+    results = {}
+    for backend in ("torch", "triton"):
+        module = torch.nn.Module()
+        module.cim = GainCellParams(cfg, H, HKV, D).to(DEVICE)
+        module.cim.backend = backend
+        with torch.no_grad():
+            module.cim.scalers["score"].b.copy_(HEAD_OFFSETS)
+        out = gaincell_attention(module, q, k, v, None)[0]
+        out.pow(2).sum().backward()
+        results[backend] = out.detach(), module.cim.scalers["score"].b.grad
+    torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-4, atol=1e-5)
+    assert results["torch"][1].abs().min() > 0
 
 
 def test_backend_picks_the_kernel_or_the_torch_path(monkeypatch):
@@ -193,23 +212,31 @@ def test_backend_picks_the_kernel_or_the_torch_path(monkeypatch):
 EDGE_MARGIN = 1e-6  # well posed: HardSigmoid/ADC inputs this far from a clamp edge or rounding edge (fp32 puts them ~1e-7 off)
 
 
+HEAD_OFFSETS = torch.tensor([0.15, -0.1], dtype=torch.float64)  # one per query head, for `head_offsets: true`
+
+
 def reference_grads(cfg, quantised, grad, dtype, cell=None):
-    """The reference path on the quantised inputs in `dtype`, with autograd → [out, dq, dk, dv] in fp64."""
-    cim = GainCellParams(cfg, H, HKV, D)
+    """The reference path on the quantised inputs in `dtype`, with autograd → [out, dq, dk, dv(, d head offsets)] in fp64."""
+    cim = GainCellParams(cfg, H, HKV, D).to(dtype)
     if cell:
         cim.cell = cell
+    if cfg.head_offsets:
+        with torch.no_grad():
+            cim.scalers["score"].b.copy_(HEAD_OFFSETS)
     q, k, v = (x.detach().to(dtype).requires_grad_() for x in quantised)
     keep = keep_mask(None, q, k, cfg.window_tokens)
     out = _attend_blocks(cim, q, k, v, keep, torch.zeros(q.shape[0], dtype=torch.long))
     out.backward(grad.to(dtype))
-    return [x.detach().double() for x in (out, q.grad, k.grad, v.grad)]
+    offsets = [cim.scalers["score"].b.grad] if cfg.head_offsets else []
+    return [x.detach().double() for x in (out, q.grad, k.grad, v.grad, *offsets)]
 
 
 def kernel_grads(cfg, quantised, grad, cell=None, block_m=32):
     q, k, v = (x.detach().float().to(DEVICE).requires_grad_() for x in quantised)
-    out = gaincell_prefill(q, k, v, cfg, cell=cell, block_m=block_m)
+    offsets = HEAD_OFFSETS.float().to(DEVICE).requires_grad_() if cfg.head_offsets else None
+    out = gaincell_prefill(q, k, v, cfg, cell=cell, block_m=block_m, head_offsets=offsets)
     out.backward(grad.float().to(DEVICE))
-    return [x.detach().double().cpu() for x in (out, q.grad, k.grad, v.grad)]
+    return [x.detach().double().cpu() for x in (out, q.grad, k.grad, v.grad, *([offsets.grad] if cfg.head_offsets else []))]
 
 
 class Edges:
@@ -238,6 +265,8 @@ def edges(monkeypatch):
         x = cfg.score_scale * scores.detach() + cfg.score_offset
         if cfg.offset_per_doubling:  # as hard_sigmoid lowers it with the keys each query sees
             x = x - cfg.offset_per_doubling * torch.log2((keep.sum(-1, keepdim=True) / cfg.offset_reference_keys).clamp_min(1.0))
+        if offsets is not None:  # head_offsets
+            x = x + offsets.detach()
         x = x[keep.expand_as(x)]
         seen.watch(torch.minimum(x.abs(), (x - 1.0).abs()))
         seen.active |= {name for name, hit in (("A < 0", x < 0), ("A > 1", x > 1)) if hit.any()}
@@ -285,6 +314,10 @@ GRAD_CASES = {
     "normalize, ADC, offset per doubling, laps": (
         {"normalize": True, "av_out": ADC, "offset_per_doubling": 0.15, "offset_reference_keys": 8, "score_offset": 0.3,
          "rate_per_token": 0.02}, None, 56, 1, 16),
+    # and the per-head offsets (their gradient checked too), batch 2
+    "normalize, ADC, offset per doubling, head offsets, laps": (
+        {"normalize": True, "av_out": ADC, "offset_per_doubling": 0.15, "offset_reference_keys": 8, "score_offset": 0.3,
+         "rate_per_token": 0.02, "head_offsets": True}, None, 56, 2, 16),
 }
 
 
@@ -305,7 +338,8 @@ def test_output_and_gradients_error_vs_fp64_at_most_twice_torch_fp32(case, edges
         assert edges.active >= {"A < 0", "A > 1", "ADC"} | ({"ADC of ΣA"} if cfg.normalize else set())
     ref32 = reference_grads(cfg, quantised, grad, torch.float32, cell)
     ours = kernel_grads(cfg, quantised, grad, cell, block_m)
-    for name, r64, r32, k in zip(("out", "dq", "dk", "dv"), ref64, ref32, ours):
+    assert len(ours) == len(ref64) == 4 + cfg.head_offsets
+    for name, r64, r32, k in zip(("out", "dq", "dk", "dv", "d head offsets"), ref64, ref32, ours):
         assert r64.abs().max() > 0.1, name  # not trivially zero
         torch_err = (r32 - r64).abs().max().item()
         kernel_err = (k - r64).abs().max().item()

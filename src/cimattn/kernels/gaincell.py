@@ -56,8 +56,6 @@ def unsupported(
         return f"head dim {d}: the kernel holds a head in registers, at most {MAX_HEAD_DIM}"
     if cfg.noise.read_std or cfg.noise.cell_variability_std:
         return "gaincell.noise: read noise and cell variability take the torch path"
-    if cfg.head_offsets:
-        return "gaincell.head_offsets: the per-head HardSigmoid offsets take the torch path"
     if offsets is not None and bool(offsets.any()):
         return "position ids do not start at 0 (ring offsets): the torch path places the tokens"
     if keep is not None and not torch.equal(keep.expand(b, 1, t, t), _causal_window(t, cfg.window_tokens, keep.device).expand(b, 1, t, t)):
@@ -78,6 +76,7 @@ def gaincell_prefill(
     cell: str | None = None,
     block_m: int = BLOCK_M,
     precision: str = "ieee",
+    head_offsets: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Gain-cell attention of an unpadded prompt: q (B, H, T, D), k, v (B, Hkv, T, D) → (B, H, T, D) fp32.
 
@@ -94,7 +93,9 @@ def gaincell_prefill(
     `cell` "linear" or "nonlinear" (default cfg.cell), leakage on or off,
     any score scale / offset and `offset_per_doubling`, A·V tile scale and av_out quantiser (levels or
     none), `normalize` on or off; tokens_per_array a power of two ≥ 16; no
-    read noise, no cell variability, no `head_offsets`.
+    read noise, no cell variability.  `head_offsets` (H,), when given (the
+    parameters of `head_offsets: true`), adds each query head's HardSigmoid
+    offset; it gets its gradient too.
 
     Differentiable in q, k, v: the backward gives the reference's autograd
     gradients — HardSigmoid clamp, the read-out ADC's straight-through clamp
@@ -108,7 +109,7 @@ def gaincell_prefill(
     reason = unsupported(cfg, q, k, v, cell=cell)
     if reason is not None:
         raise CimattnError(f"gain-cell Triton kernel: {reason}")
-    return _GainCellPrefill.apply(q, k, v, _Launch(cfg, cell or cfg.cell, block_m, precision))
+    return _GainCellPrefill.apply(q, k, v, head_offsets, _Launch(cfg, cell or cfg.cell, block_m, precision))
 
 
 class _Launch:
@@ -136,29 +137,31 @@ class _Launch:
 
 class _GainCellPrefill(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, launch: _Launch) -> torch.Tensor:
+    def forward(ctx, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor | None, launch: _Launch) -> torch.Tensor:
         from cimattn.kernels.triton_gaincell import gaincell_prefill_fwd
 
         b, h, t, d = q.shape
         out = torch.empty((b, h, t, d), dtype=torch.float32, device=q.device)
         den = torch.empty((b, h, t) if launch.cfg.normalize else (1,), dtype=torch.float32, device=q.device)  # ΣA read-out
+        off = _head_offsets(offsets, h, q.device)
         av = launch.cfg.av_out
         gaincell_prefill_fwd[(-(-t // launch.block_m), b * h)](
-            q, k, v, out, den,
+            q, k, v, out, den, off,
             *q.stride(), *k.stride(), *v.stride(), *out.stride(),
             *launch.shape(q, k), *launch.physics,
             launch.cfg.av_tile_scale, av.low, av.high, av.step if av.levels is not None else 1.0, grid_anchor(av),
-            AV_LEVELS=av.levels is not None, **launch.flags, **launch.blocks(d), num_warps=NUM_WARPS,
+            AV_LEVELS=av.levels is not None, HEAD_OFFSETS=offsets is not None, **launch.flags, **launch.blocks(d),
+            num_warps=NUM_WARPS,
         )
-        ctx.save_for_backward(q, k, v, out, den)
-        ctx.launch = launch
+        ctx.save_for_backward(q, k, v, out, den, off)
+        ctx.launch, ctx.offsets_dtype = launch, None if offsets is None else offsets.dtype
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         from cimattn.kernels.triton_gaincell import gaincell_bwd_dkdv, gaincell_bwd_dq
 
-        q, k, v, out, den = ctx.saved_tensors
+        q, k, v, out, den, off = ctx.saved_tensors
         launch: _Launch = ctx.launch
         cfg = launch.cfg
         b, h, t, d = q.shape
@@ -176,10 +179,23 @@ class _GainCellPrefill(torch.autograd.Function):
         dv = torch.empty_like(dk)
         av = (cfg.av_tile_scale, cfg.av_out.low, cfg.av_out.high)
         common = (*q.stride(), *k.stride(), *v.stride(), *g_num.stride())
-        flags = {**launch.flags, "GRAD_POLY": launch.grad_poly, **launch.blocks(d), "num_warps": NUM_WARPS}
+        with_offsets = ctx.offsets_dtype is not None
+        flags = {**launch.flags, "GRAD_POLY": launch.grad_poly, "HEAD_OFFSETS": with_offsets, **launch.blocks(d), "num_warps": NUM_WARPS}
         shape = launch.shape(q, k)
-        gaincell_bwd_dq[(-(-t // launch.block_m), b * h)](q, k, v, g_num, g_den, dq, *common, *shape, *launch.physics, *av, **flags)
+        blocks = -(-t // launch.block_m)
+        d_off = torch.empty((b * h, blocks) if with_offsets else (1,), dtype=torch.float32, device=q.device)  # per query block
+        gaincell_bwd_dq[(blocks, b * h)](q, k, v, g_num, g_den, dq, off, d_off, *common, *shape, *launch.physics, *av, **flags)
         gaincell_bwd_dkdv[(-(-t // cfg.tokens_per_array), b * hkv)](
-            q, k, v, g_num, g_den, dk, dv, *common, *shape, *launch.physics, *av, **flags,
+            q, k, v, g_num, g_den, dk, dv, off, *common, *shape, *launch.physics, *av, **flags,
         )
-        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), None
+        d_off = d_off.view(b, h, blocks).sum((0, 2)).to(ctx.offsets_dtype) if with_offsets else None  # summed in a fixed order
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), d_off, None
+
+
+def _head_offsets(offsets: torch.Tensor | None, heads: int, device: torch.device) -> torch.Tensor:
+    """The per-head HardSigmoid offsets as the kernels read them, (H,) fp32 (a placeholder without)."""
+    if offsets is None:
+        return torch.zeros(1, dtype=torch.float32, device=device)
+    if offsets.shape != (heads,):
+        raise CimattnError(f"head_offsets of shape {tuple(offsets.shape)} for {heads} query heads: give one per head")
+    return offsets.detach().to(device=device, dtype=torch.float32).contiguous()

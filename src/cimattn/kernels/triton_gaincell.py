@@ -227,7 +227,7 @@ def _grad_stored(w, d1, x, u, c1, c2, c3, slope, GRAD_POLY: tl.constexpr, DOT_PR
 
 @triton.jit
 def gaincell_prefill_fwd(
-    Q, K, V, Out, Den,
+    Q, K, V, Out, Den, Off,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -236,12 +236,15 @@ def gaincell_prefill_fwd(
     c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, offset_slope, offset_ref, rate,
     av_scale, av_low, av_high, av_step, av_anchor,
     NONLINEAR: tl.constexpr, LEAK: tl.constexpr, AV_LEVELS: tl.constexpr, NORMALIZE: tl.constexpr,
+    HEAD_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, TPA: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    if HEAD_OFFSETS:  # this query head's own HardSigmoid offset
+        score_offset += tl.load(Off + h)
     hk = h // GROUPS  # the KV head (array pair) this query head drives
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -294,7 +297,7 @@ def _query_block(Q, GN, GD, b, h, H, T, offs_m, offs_d, m_ok, md_ok,
 
 @triton.jit
 def gaincell_bwd_dq(
-    Q, K, V, GN, GD, DQ,
+    Q, K, V, GN, GD, DQ, Off, DOff,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -303,13 +306,19 @@ def gaincell_bwd_dq(
     c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, offset_slope, offset_ref, rate,
     av_scale, av_low, av_high,
     NONLINEAR: tl.constexpr, GRAD_POLY: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
+    HEAD_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, TPA: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """dq of BLOCK_M queries of one (batch, query head); GN/GD are the gradients of the tile sums, DQ (B, H, T, D) contiguous."""
+    """dq of BLOCK_M queries of one (batch, query head); GN/GD are the gradients of the tile sums, DQ (B, H, T, D) contiguous.
+
+    With HEAD_OFFSETS, DOff (B·H, query blocks) gets this block's share of ∂L/∂(the head's offset): Σ ∂L/∂x.
+    """
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H
     h = pid_bh % H
+    if HEAD_OFFSETS:
+        score_offset += tl.load(Off + h)
     hk = h // GROUPS
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
@@ -322,6 +331,7 @@ def gaincell_bwd_dq(
     q, q_sum, gn, gd = _query_block(Q, GN, GD, b, h, H, T, offs_m, offs_d, m_ok, md_ok,
                                     sqb, sqh, sqt, sqd, sgb, sgh, sgt, sgd, BLOCK_M, NORMALIZE)
     dq = tl.zeros((BLOCK_M, BLOCK_D), dtype=tl.float32)
+    dx = tl.zeros((BLOCK_M,), dtype=tl.float32)  # Σ over keys of ∂L/∂x, the HardSigmoid input
 
     m_last = tl.minimum(m0 + BLOCK_M, T) - 1
     r_first = tl.maximum(m0 - W + 1, 0) // TPA
@@ -343,13 +353,17 @@ def gaincell_bwd_dq(
             da = _grad_a(dp, dp_one, u_v, u_one, d1, c0, c1, c2, c3, slope, GRAD_POLY, NORMALIZE, DOT_PRECISION)
             ds = _grad_score(da, x, keep, score_scale)
             dq += _grad_q(ds, d1, u_k, c0, c1, c2, c3, slope, GRAD_POLY, DOT_PRECISION)
+            if HEAD_OFFSETS:
+                dx += tl.sum(ds, 1)
 
     tl.store(DQ + pid_bh * T * D + offs_m[:, None] * D + offs_d[None, :], dq, mask=md_ok)
+    if HEAD_OFFSETS:  # ds = score_scale · ∂L/∂x
+        tl.store(DOff + pid_bh * tl.num_programs(0) + pid_m, tl.sum(dx, 0) / score_scale)
 
 
 @triton.jit
 def gaincell_bwd_dkdv(
-    Q, K, V, GN, GD, DK, DV,
+    Q, K, V, GN, GD, DK, DV, Off,
     sqb, sqh, sqt, sqd,
     skb, skh, skt, skd,
     svb, svh, svt, svd,
@@ -358,6 +372,7 @@ def gaincell_bwd_dkdv(
     c0, c1, c2, c3, slope, y_mid, u_one, score_scale, score_offset, offset_slope, offset_ref, rate,
     av_scale, av_low, av_high,
     NONLINEAR: tl.constexpr, GRAD_POLY: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
+    HEAD_OFFSETS: tl.constexpr,
     BLOCK_M: tl.constexpr, TPA: tl.constexpr, BLOCK_D: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     """dk, dv of one key row (TPA tokens) of one (batch, KV head), summed over its query heads; DK, DV (B, Hkv, T, D) contiguous."""
@@ -380,6 +395,9 @@ def gaincell_bwd_dkdv(
     m_stop = tl.minimum(T, r * TPA + TPA - 1 + W)  # … and its last key last by the query W − 1 tokens later
     for g in range(GROUPS):
         h = hk * GROUPS + g
+        off_h = score_offset
+        if HEAD_OFFSETS:
+            off_h += tl.load(Off + h)
         for m0 in range(m_start, m_stop, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
             m_ok = offs_m < T
@@ -392,10 +410,10 @@ def gaincell_bwd_dkdv(
             r0 = r - N_TILES * ((r - r_first) // N_TILES)  # the array's first row this block sees (r itself or a lap before)
             dp, dp_one = _array_grad(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                                      skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                     c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
+                                     c0, c1, c2, c3, slope, score_scale, off_h, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
                                      gn, gd, NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
             x, a, d1, keep = _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W, c0, c1, c2, c3, slope,
-                                         score_scale, score_offset, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
+                                         score_scale, off_h, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
             dv += _grad_stored(a, d1, dp, u_v, c1, c2, c3, slope, GRAD_POLY, DOT_PRECISION)
             da = _grad_a(dp, dp_one, u_v, u_one, d1, c0, c1, c2, c3, slope, GRAD_POLY, NORMALIZE, DOT_PRECISION)
             ds = _grad_score(da, x, keep, score_scale)
