@@ -4,7 +4,7 @@
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
-# seconds of adaptation in the demo: `make demo` took 12.5 min in all on 2 CPU cores (2026-12-08), within 15
+# seconds of adaptation in the demo: `make demo` took 12.4-13 min in all on 2 CPU cores (2026-12-08), within 15
 DEMO_BUDGET ?= 540
 # the demo's hardware: Leroux et al.'s gain cells plus the ΣA normalisation column, the variant that
 # adapts best on a CPU budget (DEMO_PRESET=leroux-gaincell runs the paper's hardware exactly)

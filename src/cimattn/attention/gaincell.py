@@ -263,9 +263,9 @@ def gaincell_attention(
         k = quantize(cim.scale("k", key.to(dtype)), cfg.k)  # (B, Hkv, S, D) stored voltages
         v = quantize(cim.scale("v", value.to(dtype)), cfg.v)
         if use_kernel(cim.backend, q.is_cuda, lambda: kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets)):
-            offsets = cim.scalers["score"].b if "score" in cim.scalers else None  # head_offsets
+            head_offsets = cim.scalers["score"].b if "score" in cim.scalers else None
             summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell, precision=cim.dot_precision,
-                                              head_offsets=offsets).to(dtype)  # fused, fwd and bwd
+                                              head_offsets=head_offsets).to(dtype)  # fused, fwd and bwd
         else:
             summed = _attend_blocks(cim, q, k, v, keep, offsets)
     out = cim.scale("out", summed)  # (B, H, T, D)
