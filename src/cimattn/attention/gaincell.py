@@ -202,11 +202,14 @@ class GainCellParams(nn.Module):
         scaler.a.copy_(torch.where(std > 0, a, scaler.a))  # a constant input keeps its gain
         scaler.b.copy_(target.mean.to(mean) - scaler.a.clamp_min(MIN_GAIN) * mean)
 
+    def head_offsets(self) -> torch.Tensor | None:
+        """The per-head HardSigmoid offsets of `head_offsets`, (heads,); None without."""
+        return self.scalers["score"].b if "score" in self.scalers else None
+
     def score_offsets(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The per-head HardSigmoid offsets as (Hkv, G, 1, 1), against scores grouped (…, Hkv, G, T, S); None without."""
-        if "score" not in self.scalers:
-            return None
-        return self.scalers["score"].b.to(dtype).view(self.n_kv_heads, -1, 1, 1)
+        """`head_offsets()` as (Hkv, G, 1, 1), against scores grouped (…, Hkv, G, T, S); None without."""
+        offsets = self.head_offsets()
+        return None if offsets is None else offsets.to(dtype).view(self.n_kv_heads, -1, 1, 1)
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         """The read-noise generator on `device` (None when there is no read noise)."""
@@ -263,9 +266,8 @@ def gaincell_attention(
         k = quantize(cim.scale("k", key.to(dtype)), cfg.k)  # (B, Hkv, S, D) stored voltages
         v = quantize(cim.scale("v", value.to(dtype)), cfg.v)
         if use_kernel(cim.backend, q.is_cuda, lambda: kernels.unsupported(cfg, q, k, v, keep, cell=cim.cell, offsets=offsets)):
-            head_offsets = cim.scalers["score"].b if "score" in cim.scalers else None
             summed = kernels.gaincell_prefill(q, k, v, cfg, cell=cim.cell, precision=cim.dot_precision,
-                                              head_offsets=head_offsets).to(dtype)  # fused, fwd and bwd
+                                              head_offsets=cim.head_offsets()).to(dtype)  # fused, fwd and bwd
         else:
             summed = _attend_blocks(cim, q, k, v, keep, offsets)
     out = cim.scale("out", summed)  # (B, H, T, D)

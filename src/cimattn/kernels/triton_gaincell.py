@@ -52,9 +52,12 @@ def _stored(base, offs_s, offs_d, st, sd, T, D, y_mid):
 
 @triton.jit
 def _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W,
-                c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
+                c0, c1, c2, c3, slope, score_scale, row_offset, rate,
                 NONLINEAR: tl.constexpr, LEAK: tl.constexpr, DOT_PRECISION: tl.constexpr):
-    """One key row against a query block → (HardSigmoid input x, A, decay d, keep), each (BLOCK_M, TPA)."""
+    """One key row against a query block → (HardSigmoid input x, A, decay d, keep), each (BLOCK_M, TPA).
+
+    row_offset (BLOCK_M,): each query's HardSigmoid offset (`_row_offset`).
+    """
     age = offs_m[:, None] - offs_s[None, :]  # tokens since the key was written
     keep = (age >= 0) & (age < W) & (offs_s < T)[None, :] & m_ok[:, None]
     d1 = tl.exp(-rate * tl.maximum(age, 0).to(tl.float32))  # future keys are masked; rate 0 gives exactly 1
@@ -70,13 +73,18 @@ def _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W,
             score = c1 * m1 + c0 * q_sum[:, None] + c2 * m2 + c3 * m3
     else:
         score = slope * (d1 * m1) if LEAK else slope * m1
-    x = score_scale * score + score_offset
-    # offset_per_doubling: the offset falls by offset_slope per doubling of the keys the query sees beyond
-    # offset_ref; with the plain causal window (no padding: the launcher's condition) that is min(t + 1, W) keys
-    seen = tl.minimum(offs_m + 1, W).to(tl.float32)
-    x -= (offset_slope * tl.log2(tl.maximum(seen / offset_ref, 1.0)))[:, None]
+    x = score_scale * score + row_offset[:, None]
     a = tl.where(keep, tl.minimum(tl.maximum(x, 0.0), 1.0), 0.0)  # HardSigmoid, masked keys 0
     return x, a, d1, keep
+
+
+@triton.jit
+def _row_offset(offs_m, W, score_offset, offset_slope, offset_ref):
+    """The HardSigmoid offset of each query of a block (BLOCK_M,): score_offset (plus the head's own, `head_offsets`)
+    lowered by offset_slope per doubling of the keys the query sees beyond offset_ref (`offset_per_doubling`); with the
+    plain causal window (no padding: the launcher's condition) a query at t sees min(t + 1, W) keys."""
+    seen = tl.minimum(offs_m + 1, W).to(tl.float32)
+    return score_offset - offset_slope * tl.log2(tl.maximum(seen / offset_ref, 1.0))
 
 
 @triton.jit
@@ -105,7 +113,7 @@ def _charge(a, d1, u_v, u_one, c0, c1, c2, c3, slope,
 @triton.jit
 def _array_charge(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                   skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                  c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
+                  c0, c1, c2, c3, slope, score_scale, row_offset, rate,
                   NONLINEAR: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
                   TPA: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """One array's charge before its read-out: the sum over its rows r0, r0 + N_TILES, … ≤ r_last (window laps).
@@ -121,7 +129,7 @@ def _array_charge(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, of
         u_k = _stored(k_base, offs_s, offs_d, skt, skd, T, D, y_mid)
         u_v = _stored(v_base, offs_s, offs_d, svt, svd, T, D, y_mid)
         _, a, d1, keep = _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W, c0, c1, c2, c3, slope,
-                                     score_scale, score_offset, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
+                                     score_scale, row_offset, rate, NONLINEAR, LEAK, DOT_PRECISION)
         seen += tl.sum(keep.to(tl.int32), 1)
         c, o = _charge(a, d1, u_v, u_one, c0, c1, c2, c3, slope, NONLINEAR, NORMALIZE, DOT_PRECISION)
         cols += c
@@ -148,7 +156,7 @@ def _readout_grad(charge, g, av_scale, av_low, av_high):
 @triton.jit
 def _array_grad(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                 skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
+                c0, c1, c2, c3, slope, score_scale, row_offset, rate, av_scale, av_low, av_high,
                 gn, gd,
                 NONLINEAR: tl.constexpr, LEAK: tl.constexpr, NORMALIZE: tl.constexpr,
                 TPA: tl.constexpr, DOT_PRECISION: tl.constexpr):
@@ -160,7 +168,7 @@ def _array_grad(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs
     """
     cols, ones, seen = _array_charge(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                                      skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                     c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
+                                     c0, c1, c2, c3, slope, score_scale, row_offset, rate,
                                      NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
     read = seen > 0
     dp = _readout_grad(cols, tl.where(read[:, None], gn, 0.0), av_scale, av_low, av_high)
@@ -248,6 +256,7 @@ def gaincell_prefill_fwd(
     hk = h // GROUPS  # the KV head (array pair) this query head drives
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_offset = _row_offset(offs_m, W, score_offset, offset_slope, offset_ref)
     offs_n = tl.arange(0, TPA)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
@@ -268,7 +277,7 @@ def gaincell_prefill_fwd(
     for r in range(r_first, r_stop):  # one array (tile) per iteration
         cols, ones, seen = _array_charge(q, q_sum, k_base, v_base, r, r_last, offs_m, m_ok, offs_n, offs_d,
                                          skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                         c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate,
+                                         c0, c1, c2, c3, slope, score_scale, row_offset, rate,
                                          NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
         read = seen > 0  # an array holding no visible key is not read
         out += tl.where(read[:, None], _readout(cols, av_scale, av_low, av_high, av_step, av_anchor, AV_LEVELS), 0.0)
@@ -322,6 +331,7 @@ def gaincell_bwd_dq(
     hk = h // GROUPS
     m0 = pid_m * BLOCK_M
     offs_m = m0 + tl.arange(0, BLOCK_M)
+    row_offset = _row_offset(offs_m, W, score_offset, offset_slope, offset_ref)
     offs_n = tl.arange(0, TPA)
     offs_d = tl.arange(0, BLOCK_D)
     m_ok = offs_m < T
@@ -342,14 +352,14 @@ def gaincell_bwd_dq(
     for r in range(r_first, r_stop):
         dp, dp_one = _array_grad(q, q_sum, k_base, v_base, r, r_last, offs_m, m_ok, offs_n, offs_d,
                                  skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                 c0, c1, c2, c3, slope, score_scale, score_offset, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
+                                 c0, c1, c2, c3, slope, score_scale, row_offset, rate, av_scale, av_low, av_high,
                                  gn, gd, NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
         for rr in range(r, r_last + 1, N_TILES):  # second pass over the array's rows: A and scores again
             offs_s = rr * TPA + offs_n
             u_k = _stored(k_base, offs_s, offs_d, skt, skd, T, D, y_mid)
             u_v = _stored(v_base, offs_s, offs_d, svt, svd, T, D, y_mid)
             x, _, d1, keep = _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W, c0, c1, c2, c3, slope,
-                                         score_scale, score_offset, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
+                                         score_scale, row_offset, rate, NONLINEAR, LEAK, DOT_PRECISION)
             da = _grad_a(dp, dp_one, u_v, u_one, d1, c0, c1, c2, c3, slope, GRAD_POLY, NORMALIZE, DOT_PRECISION)
             ds = _grad_score(da, x, keep, score_scale)
             dq += _grad_q(ds, d1, u_k, c0, c1, c2, c3, slope, GRAD_POLY, DOT_PRECISION)
@@ -400,6 +410,7 @@ def gaincell_bwd_dkdv(
             off_h += tl.load(Off + h)
         for m0 in range(m_start, m_stop, BLOCK_M):
             offs_m = m0 + tl.arange(0, BLOCK_M)
+            row_offset = _row_offset(offs_m, W, off_h, offset_slope, offset_ref)
             m_ok = offs_m < T
             md_ok = m_ok[:, None] & d_ok[None, :]
             q, q_sum, gn, gd = _query_block(Q, GN, GD, b, h, H, T, offs_m, offs_d, m_ok, md_ok,
@@ -410,10 +421,10 @@ def gaincell_bwd_dkdv(
             r0 = r - N_TILES * ((r - r_first) // N_TILES)  # the array's first row this block sees (r itself or a lap before)
             dp, dp_one = _array_grad(q, q_sum, k_base, v_base, r0, r_last, offs_m, m_ok, offs_n, offs_d,
                                      skt, skd, svt, svd, T, D, W, N_TILES, y_mid, u_one,
-                                     c0, c1, c2, c3, slope, score_scale, off_h, offset_slope, offset_ref, rate, av_scale, av_low, av_high,
+                                     c0, c1, c2, c3, slope, score_scale, row_offset, rate, av_scale, av_low, av_high,
                                      gn, gd, NONLINEAR, LEAK, NORMALIZE, TPA, DOT_PRECISION)
             x, a, d1, keep = _activation(q, q_sum, u_k, offs_m, offs_s, m_ok, T, W, c0, c1, c2, c3, slope,
-                                         score_scale, off_h, offset_slope, offset_ref, rate, NONLINEAR, LEAK, DOT_PRECISION)
+                                         score_scale, row_offset, rate, NONLINEAR, LEAK, DOT_PRECISION)
             dv += _grad_stored(a, d1, dp, u_v, c1, c2, c3, slope, GRAD_POLY, DOT_PRECISION)
             da = _grad_a(dp, dp_one, u_v, u_one, d1, c0, c1, c2, c3, slope, GRAD_POLY, NORMALIZE, DOT_PRECISION)
             ds = _grad_score(da, x, keep, score_scale)

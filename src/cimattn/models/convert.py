@@ -7,7 +7,8 @@ which covers Llama/SmolLM2, GPT-2, Qwen2, Mistral, …), attaches a
 model's attention implementation to the preset's registered function.
 
 Hardware parameters (the per-head scalers a, b of q, k, v and the output)
-are ordinary `nn.Parameter`s named `<attention module>.cim.scalers.<q|k|v|out>.<a|b>` (and `….cim.scalers.score.b`, the per-head HardSigmoid offsets of `head_offsets`)
+are ordinary `nn.Parameter`s named `<attention module>.cim.scalers.<q|k|v|out>.<a|b>`
+(and `….cim.scalers.score.b`, the per-head HardSigmoid offsets of `head_offsets`)
 in `model.named_parameters()`: `hardware_parameters` yields them,
 `trainable_parameters` picks a named set for an optimiser, `scaler_parameters`
 gives one layer's (a, b), and `hardware_state_dict` / `load_hardware_state`
